@@ -1,0 +1,609 @@
+//! Configuration: the TOML schema, ClearML's defaults, and validation.
+//!
+//! The file is parsed once into [`Config`]; [`Config::load`] rejects unknown keys and every
+//! semantic mistake with a [`ConfigError`] that names the file, the key, what is wrong and how
+//! to fix it. Nothing downstream re-checks what is validated here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The ClearML Server NodePort services, as its Kubernetes install guide publishes them:
+/// (route name = host label, node port).
+pub const CLEARML_ROUTES: [(&str, u16); 3] = [("app", 30080), ("files", 30081), ("api", 30008)];
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The DNS domain the routes hang under: `app.<domain>`, `files.<domain>`, `api.<domain>`.
+    /// Default `localhost`, so `app.localhost` works on a laptop.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// Client-facing listeners. Default: one plain-HTTP listener on `0.0.0.0:8080`.
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Routes by name. The ClearML routes `app`, `files` and `api` always exist with their
+    /// node ports; a `[routes.<name>]` table overrides their fields or adds a new route.
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteOverride>,
+    /// Where the node list comes from.
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `ip:port` to bind, e.g. `0.0.0.0:8080` or `[::]:8080`.
+    pub address: String,
+}
+
+/// One `[routes.<name>]` table as written; missing fields take the route's defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteOverride {
+    /// Full host name. Default: `<host_prefix>.<domain>`.
+    pub host: Option<String>,
+    /// First DNS label. Default: the route's name.
+    pub host_prefix: Option<String>,
+    /// Node port the route's traffic goes to. Required for routes other than app/files/api.
+    pub port: Option<u16>,
+    /// More host names answered by this route (full names).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Largest request body accepted, in bytes; larger ones get 413 before anything reaches
+    /// a node. Default: no limit (ClearML uploads are single multi-GB requests).
+    pub max_body_bytes: Option<u64>,
+    /// `false` removes a default route.
+    pub enabled: Option<bool>,
+}
+
+/// An effective route, after defaults and overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    /// Host names, lower case, without trailing dot; the first is the canonical one.
+    pub hosts: Vec<String>,
+    pub port: u16,
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// A fixed list of node addresses.
+    #[serde(rename = "static")]
+    pub static_nodes: Option<StaticDiscovery>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticDiscovery {
+    /// Node addresses (IPv4, IPv6 or DNS names), without port: the route supplies the port.
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect to a node. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Time a client has to send a whole request head (anti-slowloris); it does not limit
+    /// bodies. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub client_header: Duration,
+    /// Time a node has to start answering once the request is fully sent. Default 300s, the
+    /// ClearML SDK's own read timeout.
+    #[serde(with = "humantime_serde")]
+    pub upstream_response_header: Duration,
+    /// How long an idle keep-alive connection (client or upstream) stays open. Default 75s.
+    #[serde(with = "humantime_serde")]
+    pub idle_keepalive: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may run before the process exits.
+    /// Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            client_header: Duration::from_secs(30),
+            upstream_response_header: Duration::from_secs(300),
+            idle_keepalive: Duration::from_secs(75),
+            shutdown_drain: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head (request line + headers) in bytes; larger gets 431. Default 65536,
+    /// minimum 8192.
+    pub max_request_header_bytes: usize,
+    /// Most client connections open at once; further clients wait in the accept queue.
+    /// Default 10000.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// The smallest read buffer hyper's HTTP/1 server accepts.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+fn default_domain() -> String {
+    "localhost".to_string()
+}
+
+fn default_listeners() -> Vec<ListenerConfig> {
+    vec![ListenerConfig {
+        address: "0.0.0.0:8080".to_string(),
+    }]
+}
+
+/// A configuration mistake: where it is and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: `{}`: {}\n  fix: {}",
+            self.file.display(),
+            self.key,
+            self.problem,
+            self.fix
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration with its effective routes.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub source: PathBuf,
+    pub config: Config,
+    pub listeners: Vec<SocketAddr>,
+    pub routes: Vec<Route>,
+    pub static_nodes: Vec<String>,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            key: "(file)".into(),
+            problem: format!("cannot read the file: {e}"),
+            fix: "pass an existing, readable TOML file with --config".into(),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let key = toml_error_key(text, &e);
+            ConfigError {
+                file: path.to_path_buf(),
+                key,
+                problem: e.message().to_string(),
+                fix: "correct the key or value; the configuration reference in README.md lists every key".into(),
+            }
+        })?;
+        config.validate(path)
+    }
+
+    fn validate(self, path: &Path) -> Result<Settings, ConfigError> {
+        let err = |key: &str, problem: String, fix: &str| ConfigError {
+            file: path.to_path_buf(),
+            key: key.to_string(),
+            problem,
+            fix: fix.to_string(),
+        };
+
+        let domain = self.domain.trim_end_matches('.').to_ascii_lowercase();
+        if !is_host_name(&domain) {
+            return Err(err(
+                "domain",
+                format!("{:?} is not a DNS name", self.domain),
+                "set domain to the name your ClearML records hang under, e.g. domain = \"clearml.example.com\"",
+            ));
+        }
+
+        if self.listeners.is_empty() {
+            return Err(err(
+                "listeners",
+                "no listener is configured".into(),
+                "add one, e.g. [[listeners]] address = \"0.0.0.0:8080\"",
+            ));
+        }
+        let mut listeners = Vec::with_capacity(self.listeners.len());
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}].address");
+            let addr: SocketAddr = listener.address.parse().map_err(|_| {
+                err(
+                    &key,
+                    format!("{:?} is not an ip:port address", listener.address),
+                    "write it as \"0.0.0.0:8080\" or \"[::]:8080\"",
+                )
+            })?;
+            if listeners.contains(&addr) {
+                return Err(err(
+                    &key,
+                    format!("{addr} is listed twice"),
+                    "remove the duplicate listener",
+                ));
+            }
+            listeners.push(addr);
+        }
+
+        let routes = self.effective_routes(&domain, path)?;
+
+        let static_nodes = match &self.discovery.static_nodes {
+            None => {
+                return Err(err(
+                    "discovery",
+                    "no node source is configured".into(),
+                    "add [discovery.static] nodes = [\"10.0.0.5\", ...] with your cluster nodes' addresses",
+                ))
+            }
+            Some(s) => {
+                if s.nodes.is_empty() {
+                    return Err(err(
+                        "discovery.static.nodes",
+                        "the node list is empty".into(),
+                        "list at least one node address, e.g. nodes = [\"127.0.0.1\"]",
+                    ));
+                }
+                let mut nodes: Vec<String> = Vec::with_capacity(s.nodes.len());
+                for (i, node) in s.nodes.iter().enumerate() {
+                    let key = format!("discovery.static.nodes[{i}]");
+                    let normalized = normalize_node(node).ok_or_else(|| {
+                        err(
+                            &key,
+                            format!("{node:?} is not an IP address or DNS name"),
+                            "write the node's address without a port, e.g. \"10.0.0.5\", \"fd00::5\" or \"node-1.internal\"; the route gives the port",
+                        )
+                    })?;
+                    if nodes.contains(&normalized) {
+                        return Err(err(
+                            &key,
+                            format!("{node:?} is listed twice"),
+                            "remove the duplicate node",
+                        ));
+                    }
+                    nodes.push(normalized);
+                }
+                nodes
+            }
+        };
+
+        let t = &self.timeouts;
+        for (key, value) in [
+            ("timeouts.connect", t.connect),
+            ("timeouts.client_header", t.client_header),
+            (
+                "timeouts.upstream_response_header",
+                t.upstream_response_header,
+            ),
+            ("timeouts.idle_keepalive", t.idle_keepalive),
+        ] {
+            if value.is_zero() {
+                return Err(err(
+                    key,
+                    "a zero timeout would fail every request".into(),
+                    "give a positive duration, e.g. \"30s\"",
+                ));
+            }
+        }
+
+        if self.limits.max_request_header_bytes < MIN_HEADER_BYTES {
+            return Err(err(
+                "limits.max_request_header_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_HEADER_BYTES}",
+                    self.limits.max_request_header_bytes
+                ),
+                "set it to 8192 or more (default 65536)",
+            ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(err(
+                "limits.max_connections",
+                "0 would refuse every client".into(),
+                "set a positive number (default 10000)",
+            ));
+        }
+
+        Ok(Settings {
+            source: path.to_path_buf(),
+            listeners,
+            routes,
+            static_nodes,
+            config: self,
+        })
+    }
+
+    fn effective_routes(&self, domain: &str, path: &Path) -> Result<Vec<Route>, ConfigError> {
+        let err = |key: String, problem: String, fix: String| ConfigError {
+            file: path.to_path_buf(),
+            key,
+            problem,
+            fix,
+        };
+        let mut names: Vec<&str> = CLEARML_ROUTES.iter().map(|(n, _)| *n).collect();
+        for name in self.routes.keys() {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+
+        let mut routes: Vec<Route> = Vec::new();
+        for name in names {
+            let over = self.routes.get(name).cloned().unwrap_or_default();
+            if over.enabled == Some(false) {
+                continue;
+            }
+            let default_port = CLEARML_ROUTES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, p)| *p);
+            let port = match over.port.or(default_port) {
+                Some(0) => {
+                    return Err(err(
+                        format!("routes.{name}.port"),
+                        "0 is not a usable port".into(),
+                        "give the node port of the service, 1-65535".into(),
+                    ))
+                }
+                Some(p) => p,
+                None => {
+                    return Err(err(
+                        format!("routes.{name}.port"),
+                        "the route has no port".into(),
+                        format!("add port = <node port> under [routes.{name}]"),
+                    ))
+                }
+            };
+            let prefix = over
+                .host_prefix
+                .clone()
+                .unwrap_or_else(|| name.to_string())
+                .to_ascii_lowercase();
+            let main_host = match &over.host {
+                Some(h) => h.trim_end_matches('.').to_ascii_lowercase(),
+                None => format!("{prefix}.{domain}"),
+            };
+            let mut hosts = vec![main_host];
+            hosts.extend(
+                over.aliases
+                    .iter()
+                    .map(|a| a.trim_end_matches('.').to_ascii_lowercase()),
+            );
+            for (i, host) in hosts.iter().enumerate() {
+                let key = match i {
+                    0 if over.host.is_some() => format!("routes.{name}.host"),
+                    0 => format!("routes.{name}.host_prefix"),
+                    _ => format!("routes.{name}.aliases[{}]", i - 1),
+                };
+                if !is_host_name(host) {
+                    return Err(err(
+                        key,
+                        format!("{host:?} is not a DNS name"),
+                        "use a host name without scheme, port or path, e.g. \"app.example.com\""
+                            .into(),
+                    ));
+                }
+                if let Some(other) = routes.iter().find(|r| r.hosts.contains(host)) {
+                    return Err(err(
+                        key,
+                        format!("host {host:?} is already served by route {:?}", other.name),
+                        "give each host name to one route only".into(),
+                    ));
+                }
+            }
+            if let Some(dup) = hosts
+                .iter()
+                .enumerate()
+                .find(|(i, h)| hosts[..*i].contains(h))
+            {
+                return Err(err(
+                    format!("routes.{name}.aliases"),
+                    format!("host {:?} appears twice in the route", dup.1),
+                    "remove the duplicate alias".into(),
+                ));
+            }
+            if over.max_body_bytes == Some(0) {
+                return Err(err(
+                    format!("routes.{name}.max_body_bytes"),
+                    "0 would refuse every request with a body".into(),
+                    "remove the key for no limit, or give a size in bytes".into(),
+                ));
+            }
+            routes.push(Route {
+                name: name.to_string(),
+                hosts,
+                port,
+                max_body_bytes: over.max_body_bytes,
+            });
+        }
+        if routes.is_empty() {
+            return Err(err(
+                "routes".into(),
+                "every route is disabled".into(),
+                "enable at least one route".into(),
+            ));
+        }
+        Ok(routes)
+    }
+}
+
+/// Turns a toml error's byte span into a `line N` locator, as the dotted key is not exposed.
+fn toml_error_key(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let snippet: String = text
+                .get(span.clone())
+                .unwrap_or("")
+                .chars()
+                .take(60)
+                .collect();
+            format!("line {line}: {}", snippet.trim())
+        }
+        None => "(document)".into(),
+    }
+}
+
+/// Accepts RFC 1123 host names (letters, digits, hyphens, dots), lower case expected.
+pub fn is_host_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Normalises a node address for use in an authority: IPs canonical, IPv6 without brackets
+/// (they are added when the authority is built), DNS names lower case.
+pub fn normalize_node(node: &str) -> Option<String> {
+    let trimmed = node.trim();
+    let unbracketed = trimmed
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(trimmed);
+    if let Ok(ip) = unbracketed.parse::<IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let name = trimmed.trim_end_matches('.').to_ascii_lowercase();
+    is_host_name(&name).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        Config::parse(Path::new("edge.toml"), text)
+    }
+
+    const NODES: &str = "[discovery.static]\nnodes = [\"127.0.0.1\"]\n";
+
+    #[test]
+    fn defaults_are_the_clearml_routes() {
+        let s = parse(NODES).expect("valid");
+        let got: Vec<(&str, &str, u16)> = s
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.hosts[0].as_str(), r.port))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("app", "app.localhost", 30080),
+                ("files", "files.localhost", 30081),
+                ("api", "api.localhost", 30008)
+            ]
+        );
+        assert_eq!(s.listeners, vec!["0.0.0.0:8080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn overrides_merge_with_defaults() {
+        let s = parse(&format!(
+            "domain = \"Example.COM.\"\n[routes.files]\nmax_body_bytes = 10\naliases = [\"dl.example.com\"]\n[routes.api]\nenabled = false\n[routes.grafana]\nport = 30300\n{NODES}"
+        ))
+        .expect("valid");
+        let files = s.routes.iter().find(|r| r.name == "files").unwrap();
+        assert_eq!(files.hosts, vec!["files.example.com", "dl.example.com"]);
+        assert_eq!(files.max_body_bytes, Some(10));
+        assert!(!s.routes.iter().any(|r| r.name == "api"));
+        let g = s.routes.iter().find(|r| r.name == "grafana").unwrap();
+        assert_eq!(
+            (g.hosts[0].as_str(), g.port),
+            ("grafana.example.com", 30300)
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let e = parse(&format!("{NODES}[timeouts]\nconect = \"5s\"\n")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("edge.toml: `line 4: conect`"), "{text}");
+        assert!(text.contains("unknown field `conect`"), "{text}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let cases = [
+            ("[routes.x]\nhost = \"x.example.com\"\n", "routes.x.port"),
+            ("[routes.app]\nport = 0\n", "routes.app.port"),
+            (
+                "[[listeners]]\naddress = \"8080\"\n",
+                "listeners[0].address",
+            ),
+            (
+                "[limits]\nmax_request_header_bytes = 100\n",
+                "limits.max_request_header_bytes",
+            ),
+            ("[timeouts]\nconnect = \"0s\"\n", "timeouts.connect"),
+            (
+                "[routes.files]\naliases = [\"app.localhost\"]\n",
+                "routes.files.aliases[0]",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(&format!("{NODES}{text}")).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(!e.fix.is_empty());
+        }
+        let e = parse("[discovery.static]\nnodes = [\"http://x:1\"]\n").unwrap_err();
+        assert_eq!(e.key, "discovery.static.nodes[0]");
+        let e = parse("").unwrap_err();
+        assert_eq!(e.key, "discovery");
+    }
+
+    #[test]
+    fn nodes_are_normalised() {
+        assert_eq!(normalize_node("[::1]").as_deref(), Some("::1"));
+        assert_eq!(
+            normalize_node("Node-1.Internal.").as_deref(),
+            Some("node-1.internal")
+        );
+        assert_eq!(normalize_node("10.0.0.5").as_deref(), Some("10.0.0.5"));
+        assert_eq!(normalize_node("10.0.0.5:80"), None);
+    }
+}

@@ -1,0 +1,21 @@
+//! clearml-edge: the load balancer ClearML Server's Kubernetes guide asks for.
+//!
+//! ClearML publishes three NodePort services (web app 30080, file server 30081, API 30008);
+//! DNS records `app.`, `files.` and `api.<domain>` point at this proxy, which sends each name
+//! to the cluster nodes on the matching port.
+//!
+//! Data flows one way: [`config`] and discovery publish immutable [`snapshot::Snapshot`]s
+//! through [`snapshot::Publisher`]; the request path in [`proxy`] loads the current one once
+//! per request and never locks. [`server`] owns listeners, connections and shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;
+
+pub use config::{Config, ConfigError, Settings};
+pub use server::{start, RunningServer};

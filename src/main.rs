@@ -1,0 +1,156 @@
+//! The `clearml-edge` command: `run` the proxy or `check` a configuration file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use clearml_edge::{Config, Settings};
+
+#[derive(Parser)]
+#[command(
+    name = "clearml-edge",
+    version,
+    about = "Edge proxy for ClearML Server on Kubernetes: routes app., files. and api.<domain> to the cluster nodes' ports 30080, 30081 and 30008"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy until SIGTERM or SIGINT, then drain in-flight requests and exit 0.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short, default_value = "config/edge.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print the effective route table
+    /// (host → node port → backends). Exits 1 with the error if the file is invalid.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short, default_value = "config/edge.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(settings) => {
+                print!("{}", route_table(&settings));
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            init_logging();
+            let settings = match Config::load(&config) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run(settings))
+        }
+    }
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let table = route_table(&settings);
+    let server = match clearml_edge::start(settings).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for addr in server.local_addrs() {
+        tracing::info!(%addr, "listening (HTTP/1.1 and h2c)");
+    }
+    for line in table.lines() {
+        tracing::info!("route {line}");
+    }
+    wait_for_signal().await;
+    tracing::info!("shutdown requested: no new connections");
+    server.shutdown().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn route_table(settings: &Settings) -> String {
+    let mut out = String::new();
+    for route in &settings.routes {
+        let backends: Vec<String> = settings
+            .static_nodes
+            .iter()
+            .map(|n| {
+                if n.contains(':') {
+                    format!("[{n}]:{}", route.port)
+                } else {
+                    format!("{n}:{}", route.port)
+                }
+            })
+            .collect();
+        let limit = route
+            .max_body_bytes
+            .map(|l| format!(" (body limit {l} bytes)"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{} [{}] -> port {} -> {}{}\n",
+            route.hosts.join(", "),
+            route.name,
+            route.port,
+            backends.join(", "),
+            limit
+        ));
+    }
+    out
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

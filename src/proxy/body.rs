@@ -1,0 +1,174 @@
+//! The two bodies the proxy hands to hyper: the client's request body on its way to a node,
+//! and the response body on its way back. Both stream frame by frame: hyper only polls the
+//! next frame when the other side has taken the last one, which is the back-pressure.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::oneshot;
+
+use crate::snapshot::InFlightGuard;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the client's body could not be forwarded; found again in the upstream error's
+/// source chain to choose the status.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("request body exceeds the route's limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("client request body failed: {0}")]
+    Read(#[source] hyper::Error),
+}
+
+/// The client's request body, forwarded to a node.
+pub struct RequestBody {
+    inner: Incoming,
+    /// A frame read before the upstream was contacted (see `Proxy::prefetch`).
+    first: Option<Frame<Bytes>>,
+    limit: Option<u64>,
+    seen: u64,
+    /// Fires when the body is complete (or abandoned), starting the response-header timer.
+    sent: Option<oneshot::Sender<()>>,
+}
+
+impl RequestBody {
+    pub fn new(
+        inner: Incoming,
+        first: Option<Frame<Bytes>>,
+        limit: Option<u64>,
+        sent: oneshot::Sender<()>,
+    ) -> Self {
+        let seen = first
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |d| d.len() as u64);
+        RequestBody {
+            inner,
+            first,
+            limit,
+            seen,
+            sent: Some(sent),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(tx) = self.sent.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(frame) = this.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(polled) => polled,
+        };
+        match polled {
+            None => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                this.finish();
+                Poll::Ready(Some(Err(ClientBodyError::Read(e).into())))
+            }
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if let Some(limit) = this.limit.filter(|l| this.seen > *l) {
+                        this.finish();
+                        return Poll::Ready(Some(Err(ClientBodyError::TooLarge(limit).into())));
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Only chunked bodies are prefetched, and those have no exact size to keep.
+        if self.first.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// What the proxy answers with: a node's streamed body, or a short body of its own.
+pub enum ResponseBody {
+    /// Streams from the node; the guard counts the request as in flight until the last byte.
+    Upstream {
+        body: Incoming,
+        _in_flight: InFlightGuard,
+    },
+    Synthetic(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn text(text: &'static str) -> Self {
+        ResponseBody::Synthetic(Some(Bytes::from_static(text.as_bytes())))
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody::Synthetic(None)
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            ResponseBody::Synthetic(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
+            ResponseBody::Synthetic(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Upstream { body, .. } => body.size_hint(),
+            ResponseBody::Synthetic(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The request handler: one request's life as named phases.
+//!
+//! route (host → route) → check (framing, limits) → select (backend) → prepare (URI,
+//! headers) → send (with the response-header timeout) → answer (strip hop-by-hop, stream the
+//! body back, or tunnel an upgrade). Every failure is a [`ProxyError`] decided at a phase
+//! boundary and rendered in one place.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+use hyper::header::{HeaderValue, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
+use hyper::http::uri::{PathAndQuery, Scheme};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+
+use crate::config::Timeouts;
+use crate::snapshot::{InFlightGuard, Snapshot};
+use crate::upstream::UpstreamClient;
+use body::{ClientBodyError, RequestBody, ResponseBody};
+pub use error::ProxyError;
+
+/// What the handler needs to know about the client connection a request came on.
+#[derive(Clone, Debug)]
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    /// The peer's IP, rendered once per connection for the forwarding headers.
+    pub peer_ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+}
+
+impl ClientConn {
+    pub fn new(peer: SocketAddr, proto: &'static str) -> Self {
+        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientConn {
+            peer,
+            peer_ip,
+            proto,
+        }
+    }
+}
+
+/// The proxy service shared by every connection.
+pub struct Proxy {
+    snapshots: Arc<ArcSwap<Snapshot>>,
+    client: UpstreamClient,
+    response_header_timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, timeouts: &Timeouts) -> Self {
+        Proxy {
+            snapshots,
+            client: crate::upstream::client(timeouts),
+            response_header_timeout: timeouts.upstream_response_header,
+        }
+    }
+
+    /// Handles one request; never fails: errors become their response here.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ClientConn,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let target = req.uri().clone();
+        match self.proxy(req, conn).await {
+            Ok(response) => response,
+            Err(e) => {
+                let status = e.status();
+                if e.is_client_fault() {
+                    tracing::info!(client = %conn.peer, %method, %target, status = status.as_u16(), error = %e, "request refused");
+                } else {
+                    tracing::warn!(client = %conn.peer, %method, %target, status = status.as_u16(), error = %e, elapsed_ms = started.elapsed().as_millis() as u64, "request failed");
+                }
+                e.into_response()
+            }
+        }
+    }
+
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ClientConn,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        // Phase: route.
+        let snapshot = self.snapshots.load();
+        let host = request_host(&req)?;
+        let route_id = host
+            .to_str()
+            .ok()
+            .and_then(|h| snapshot.table.lookup(h))
+            .ok_or(ProxyError::UnknownHost)?;
+        let route = snapshot.table.route(route_id);
+
+        // Phase: check framing and limits before anything is sent upstream.
+        let chunked = req.headers().contains_key(TRANSFER_ENCODING);
+        if chunked && req.headers().contains_key(CONTENT_LENGTH) {
+            return Err(ProxyError::AmbiguousLength);
+        }
+        if let (Some(limit), Some(len)) = (route.max_body_bytes, req.body().size_hint().exact()) {
+            if len > limit {
+                return Err(ProxyError::BodyTooLarge(limit));
+            }
+        }
+        let body_limit = route.max_body_bytes;
+
+        // Phase: select.
+        let in_flight = match snapshot.pool(route_id).pick() {
+            Some(backend) => backend.start_request(),
+            None => {
+                return Err(ProxyError::NoBackend {
+                    route: route.name.clone(),
+                })
+            }
+        };
+        drop(snapshot);
+
+        // Phase: prepare the upstream request.
+        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, mut body) = req.into_parts();
+        parts.uri = upstream_uri(&parts.uri, &in_flight)?;
+        parts.version = Version::HTTP_11;
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        // The Expect handshake is answered by the edge when the body is first read.
+        parts.headers.remove(EXPECT);
+        parts.headers.insert(HOST, host.clone());
+        headers::add_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto, host);
+
+        // A malformed chunked body must be refused before the node sees the request, so its
+        // first frame is read here; a sized body is framed by hyper and needs no look.
+        let first = if chunked && !body.is_end_stream() {
+            match body.frame().await {
+                Some(Ok(frame)) => Some(frame),
+                Some(Err(e)) => return Err(ProxyError::BadBody(e)),
+                None => None,
+            }
+        } else {
+            None
+        };
+        let (sent_tx, sent_rx) = oneshot::channel();
+        let upstream_req =
+            Request::from_parts(parts, RequestBody::new(body, first, body_limit, sent_tx));
+
+        // Phase: send. The response-header timer starts once the body is fully sent, so a
+        // long upload is never cut by it.
+        let node = in_flight.backend().authority.as_str();
+        let response = {
+            let exchange = self.client.request(upstream_req);
+            tokio::pin!(exchange);
+            let result = tokio::select! {
+                result = &mut exchange => result,
+                _ = sent_rx => {
+                    match tokio::time::timeout(self.response_header_timeout, &mut exchange).await {
+                        Ok(result) => result,
+                        Err(_) => return Err(ProxyError::UpstreamTimeout {
+                            node: node.to_string(),
+                            secs: self.response_header_timeout.as_secs(),
+                        }),
+                    }
+                }
+            };
+            result.map_err(|e| classify_upstream_error(e, node))?
+        };
+
+        // Phase: answer.
+        let (mut parts, upstream_body) = response.into_parts();
+        // The client's hop speaks HTTP/1.1 (or h2) whatever version the node answered in.
+        parts.version = Version::HTTP_11;
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ProxyError::UnexpectedUpgrade {
+                    node: node.to_string(),
+                });
+            };
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            let upstream_upgrade =
+                hyper::upgrade::on(Response::from_parts(parts.clone(), upstream_body));
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
+            return Ok(Response::from_parts(parts, ResponseBody::empty()));
+        }
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::Upstream {
+                body: upstream_body,
+                _in_flight: in_flight,
+            },
+        ))
+    }
+}
+
+/// The host a request is for: the absolute-form target's or HTTP/2 `:authority`, else `Host`.
+fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
+    if let Some(authority) = req.uri().authority() {
+        // Userinfo is never part of the host that is routed or forwarded.
+        let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+        return HeaderValue::from_str(host).map_err(|_| ProxyError::MissingHost);
+    }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => Ok(host.clone()),
+        (Some(_), Some(_)) => Err(ProxyError::DuplicateHost),
+        (None, _) => Err(ProxyError::MissingHost),
+    }
+}
+
+/// The node's URI: its authority with the client's path and query, byte for byte.
+fn upstream_uri(client_uri: &Uri, in_flight: &InFlightGuard) -> Result<Uri, ProxyError> {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(in_flight.backend().authority.clone());
+    parts.path_and_query = Some(
+        client_uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).map_err(|_| ProxyError::MissingHost)
+}
+
+/// Sorts a failed exchange: the client's body at fault, a connect failure, or the node.
+fn classify_upstream_error(e: hyper_util::client::legacy::Error, node: &str) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(body_err) = err.downcast_ref::<ClientBodyError>() {
+            return match body_err {
+                ClientBodyError::TooLarge(limit) => ProxyError::BodyTooLarge(*limit),
+                ClientBodyError::Read(_) => ProxyError::ClientGone,
+            };
+        }
+        source = err.source();
+    }
+    if e.is_connect() {
+        ProxyError::ConnectFailed {
+            node: node.to_string(),
+            source: e,
+        }
+    } else {
+        ProxyError::UpstreamFailed {
+            node: node.to_string(),
+            source: e,
+        }
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and node until either side closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    in_flight: InFlightGuard,
+) {
+    let node = in_flight.backend().authority.clone();
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(%node, error = %e, "upgraded connection ended");
+            }
+        }
+        Err(e) => tracing::warn!(%node, error = %e, "upgrade failed"),
+    }
+    drop(in_flight);
+}

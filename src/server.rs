@@ -1,0 +1,202 @@
+//! Listeners, the accept loop, the connection limit and graceful shutdown.
+//!
+//! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1 or cleartext
+//! HTTP/2 on the same port, upgrades allowed) and watched by one `GracefulShutdown`. On
+//! shutdown the listeners close, idle connections close, and in-flight requests get up to
+//! the drain timeout to finish (the mini-redis shape: a signal, then wait for the last
+//! connection to end).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::proxy::{ClientConn, Proxy};
+use crate::routing::RouteTable;
+use crate::snapshot::Publisher;
+
+/// A running proxy: its bound addresses, its publisher, and the way to stop it.
+pub struct RunningServer {
+    local_addrs: Vec<SocketAddr>,
+    publisher: Arc<Publisher>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// The addresses actually bound (port 0 in the config becomes a real port here).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    pub fn publisher(&self) -> &Arc<Publisher> {
+        &self.publisher
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the drain timeout, and returns
+    /// when every connection has ended (or the timeout passed).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listeners, publishes the static node list and starts serving.
+pub async fn start(settings: Settings) -> io::Result<RunningServer> {
+    let publisher = Arc::new(Publisher::new(RouteTable::new(settings.routes.clone())));
+    publisher.publish_nodes(&settings.static_nodes);
+    let proxy = Arc::new(Proxy::new(publisher.snapshots(), &settings.config.timeouts));
+
+    let mut listeners = Vec::with_capacity(settings.listeners.len());
+    for addr in &settings.listeners {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        listeners.push(listener);
+    }
+    let local_addrs = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<io::Result<Vec<_>>>()?;
+
+    let builder = Arc::new(connection_builder(&settings));
+    let limit = Arc::new(Semaphore::new(settings.config.limits.max_connections));
+    let drain = settings.config.timeouts.shutdown_drain;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let task = tokio::spawn(async move {
+        let graceful = Arc::new(GracefulShutdown::new());
+        let accept_loops: Vec<_> = listeners
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    proxy.clone(),
+                    builder.clone(),
+                    limit.clone(),
+                    graceful.clone(),
+                    shutdown_rx.clone(),
+                ))
+            })
+            .collect();
+        for accept in accept_loops {
+            let _ = accept.await;
+        }
+        drain_connections(graceful, drain).await;
+    });
+
+    Ok(RunningServer {
+        local_addrs,
+        publisher,
+        shutdown,
+        task,
+    })
+}
+
+fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
+    let config = &settings.config;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // hyper arms this both for the first request head and while a keep-alive connection
+        // waits for the next one, so it bounds slow heads and idle clients alike.
+        .header_read_timeout(config.timeouts.client_header)
+        .max_buf_size(config.limits.max_request_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(
+            u32::try_from(config.limits.max_request_header_bytes).unwrap_or(u32::MAX),
+        )
+        .keep_alive_interval(Some(config.timeouts.idle_keepalive / 2))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limit: Arc<Semaphore>,
+    graceful: Arc<GracefulShutdown>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        // Waiting for a permit before accepting leaves excess clients in the kernel's
+        // backlog instead of accepting and dropping them.
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, proxy, &builder, watcher).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let client = Arc::new(ClientConn::new(peer, "http"));
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let client = client.clone();
+        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+async fn drain_connections(graceful: Arc<GracefulShutdown>, drain: Duration) {
+    let graceful = match Arc::try_unwrap(graceful) {
+        Ok(g) => g,
+        Err(_) => {
+            tracing::error!("connection tracker still shared at shutdown; exiting without drain");
+            return;
+        }
+    };
+    tracing::info!(drain_secs = drain.as_secs(), "draining in-flight requests");
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed with requests still in flight; closing them");
+    }
+}

@@ -1,0 +1,248 @@
+//! Backends and the hot swap: the immutable [`Snapshot`] the request path reads, and the
+//! [`Publisher`] that builds and swaps it.
+//!
+//! Discovery (static list today, Kubernetes next) calls [`Publisher::publish_nodes`]; the
+//! request path does one `ArcSwap::load` per request and never locks. A backend's state (its
+//! in-flight count) lives in an `Arc<Backend>` shared by every snapshot that holds the node,
+//! so it survives swaps; a removed node's `Arc` stays alive exactly as long as requests on it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use arc_swap::ArcSwap;
+use hyper::http::uri::Authority;
+
+use crate::routing::{RouteId, RouteTable};
+
+/// One node on one route port.
+#[derive(Debug)]
+pub struct Backend {
+    pub node: Arc<str>,
+    pub port: u16,
+    /// `node:port`, IPv6 bracketed, ready for the upstream URI.
+    pub authority: Authority,
+    in_flight: AtomicUsize,
+}
+
+impl Backend {
+    fn new(node: Arc<str>, port: u16) -> Option<Self> {
+        let text = if node.contains(':') {
+            format!("[{node}]:{port}")
+        } else {
+            format!("{node}:{port}")
+        };
+        let authority = Authority::try_from(text).ok()?;
+        Some(Backend {
+            node,
+            port,
+            authority,
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request on this backend until the guard drops.
+    pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(self.clone())
+    }
+}
+
+/// Holds one in-flight count on a backend (and keeps it alive while a removed node drains).
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<Backend>);
+
+impl InFlightGuard {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The backends of one route.
+#[derive(Debug, Default)]
+pub struct RoutePool {
+    pub backends: Vec<Arc<Backend>>,
+    next: AtomicUsize,
+}
+
+impl RoutePool {
+    /// Round robin over the pool's backends; `None` when the pool is empty.
+    pub fn pick(&self) -> Option<&Arc<Backend>> {
+        if self.backends.is_empty() {
+            return None;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.backends.get(n % self.backends.len())
+    }
+}
+
+/// Everything the request path needs, immutable once published.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    pub table: Arc<RouteTable>,
+    /// Indexed by [`RouteId`].
+    pub pools: Vec<RoutePool>,
+}
+
+impl Snapshot {
+    pub fn pool(&self, route: RouteId) -> &RoutePool {
+        &self.pools[route]
+    }
+}
+
+/// Builds snapshots off the request path and swaps them in.
+pub struct Publisher {
+    current: Arc<ArcSwap<Snapshot>>,
+    state: Mutex<PublisherState>,
+    versions: AtomicU64,
+}
+
+struct PublisherState {
+    table: Arc<RouteTable>,
+    nodes: Vec<Arc<str>>,
+    /// Backends that any live snapshot or request still holds, by (node, port).
+    registry: HashMap<(Arc<str>, u16), Weak<Backend>>,
+}
+
+impl Publisher {
+    pub fn new(table: RouteTable) -> Self {
+        let table = Arc::new(table);
+        let empty = Snapshot {
+            version: 0,
+            pools: table
+                .routes()
+                .iter()
+                .map(|_| RoutePool::default())
+                .collect(),
+            table: table.clone(),
+        };
+        Publisher {
+            current: Arc::new(ArcSwap::from_pointee(empty)),
+            state: Mutex::new(PublisherState {
+                table,
+                nodes: Vec::new(),
+                registry: HashMap::new(),
+            }),
+            versions: AtomicU64::new(0),
+        }
+    }
+
+    /// The handle the request path loads from.
+    pub fn snapshots(&self) -> Arc<ArcSwap<Snapshot>> {
+        self.current.clone()
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Publishes a new node list (addresses without port). Nodes that stay keep their state.
+    pub fn publish_nodes(&self, nodes: &[String]) {
+        let mut state = self.lock();
+        state.nodes = nodes.iter().map(|n| Arc::<str>::from(n.as_str())).collect();
+        self.rebuild(&mut state);
+    }
+
+    /// Publishes a new route table with the current nodes.
+    pub fn publish_table(&self, table: RouteTable) {
+        let mut state = self.lock();
+        state.table = Arc::new(table);
+        self.rebuild(&mut state);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PublisherState> {
+        // A panic while holding this lock cannot leave the state half-written in a way that
+        // matters: every rebuild starts from scratch, so recover the guard.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rebuild(&self, state: &mut PublisherState) {
+        let PublisherState {
+            table,
+            nodes,
+            registry,
+        } = state;
+        registry.retain(|_, weak| weak.strong_count() > 0);
+        let pools = table
+            .routes()
+            .iter()
+            .map(|route| RoutePool {
+                backends: nodes
+                    .iter()
+                    .filter_map(|node| {
+                        let key = (node.clone(), route.port);
+                        if let Some(live) = registry.get(&key).and_then(Weak::upgrade) {
+                            return Some(live);
+                        }
+                        let backend = Arc::new(Backend::new(node.clone(), route.port)?);
+                        registry.insert(key, Arc::downgrade(&backend));
+                        Some(backend)
+                    })
+                    .collect(),
+                next: AtomicUsize::new(0),
+            })
+            .collect();
+        let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
+        self.current.store(Arc::new(Snapshot {
+            version,
+            table: table.clone(),
+            pools,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Route;
+
+    fn publisher() -> Publisher {
+        Publisher::new(RouteTable::new(vec![Route {
+            name: "api".into(),
+            hosts: vec!["api.x".into()],
+            port: 30008,
+            max_body_bytes: None,
+        }]))
+    }
+
+    #[test]
+    fn state_survives_a_swap_for_nodes_that_stay() {
+        let p = publisher();
+        p.publish_nodes(&["10.0.0.1".into(), "10.0.0.2".into()]);
+        let first = p.current();
+        let guard = first.pool(0).backends[1].start_request();
+        p.publish_nodes(&["10.0.0.2".into(), "fd00::3".into()]);
+        let second = p.current();
+        let pool = second.pool(0);
+        assert_eq!(pool.backends.len(), 2);
+        assert!(Arc::ptr_eq(&pool.backends[0], guard.backend()));
+        assert_eq!(pool.backends[0].in_flight(), 1);
+        assert_eq!(pool.backends[1].authority.as_str(), "[fd00::3]:30008");
+        drop(guard);
+        assert_eq!(pool.backends[0].in_flight(), 0);
+        assert!(second.version > first.version);
+    }
+
+    #[test]
+    fn round_robin_visits_every_node() {
+        let p = publisher();
+        p.publish_nodes(&["a".into(), "b".into(), "c".into()]);
+        let snap = p.current();
+        let mut seen: Vec<String> = (0..6)
+            .map(|_| snap.pool(0).pick().unwrap().node.to_string())
+            .collect();
+        seen.sort();
+        assert_eq!(seen, ["a", "a", "b", "b", "c", "c"]);
+    }
+}
