@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
-use hyper::header::{HeaderValue, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
+use hyper::header::{HeaderValue, EXPECT, HOST, TRANSFER_ENCODING};
 use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
@@ -105,10 +105,10 @@ impl Proxy {
         let route = snapshot.table.route(route_id);
 
         // Phase: check framing and limits before anything is sent upstream.
+        // hyper has already refused conflicting lengths and non-chunked codings, and frames a
+        // request with both Content-Length and Transfer-Encoding by the latter alone (closing
+        // the connection after it, RFC 9112 §6.1), so this only tells sized from chunked.
         let chunked = req.headers().contains_key(TRANSFER_ENCODING);
-        if chunked && req.headers().contains_key(CONTENT_LENGTH) {
-            return Err(ProxyError::AmbiguousLength);
-        }
         if let (Some(limit), Some(len)) = (route.max_body_bytes, req.body().size_hint().exact()) {
             if len > limit {
                 return Err(ProxyError::BodyTooLarge(limit));

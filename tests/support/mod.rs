@@ -1,0 +1,295 @@
+//! Test parts: real upstream servers on 127.0.0.1 (hyper), a proxy started in-process from a
+//! config text, and clients (hyper, raw TCP, WebSocket). No mocks: every byte crosses a socket.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::HeaderMap;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use clearml_edge::{Config, RunningServer};
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+/// What an upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    /// The request target exactly as it arrived.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A real HTTP/1.1 server on 127.0.0.x whose handler the test chooses.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub arrived: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts an upstream on `addr` (port 0 for any) with `handler`.
+    pub async fn start<H, F>(addr: &str, handler: H) -> Upstream
+    where
+        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        Self::try_start(addr, handler).await.expect("bind upstream")
+    }
+
+    /// Like `start`, but `None` when the address cannot be bound.
+    pub async fn try_start<H, F>(addr: &str, handler: H) -> Option<Upstream>
+    where
+        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(addr).await.ok()?;
+        let addr = listener.local_addr().expect("upstream addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handler = Arc::new(handler);
+        let counter = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let handler = handler.clone();
+                        async move { Ok::<_, Infallible>(handler(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Some(Upstream {
+            addr,
+            connections,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            arrived: Arc::new(Notify::new()),
+            task,
+        })
+    }
+
+    /// An upstream that records every request (with its whole body) and answers 200 with
+    /// its `name` as body and in `x-upstream`.
+    pub async fn echo(addr: &str, name: &'static str) -> Upstream {
+        Self::try_echo_at(addr, name).await.expect("bind upstream")
+    }
+
+    /// Like `echo`, but `None` when the address cannot be bound.
+    pub async fn try_echo_at(addr: &str, name: &'static str) -> Option<Upstream> {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(Notify::new());
+        let (s, a) = (seen.clone(), arrived.clone());
+        let mut upstream = Upstream::try_start(addr, move |req: Request<Incoming>| {
+            let (s, a) = (s.clone(), a.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                s.lock().unwrap().push(Seen {
+                    method: parts.method,
+                    target: parts.uri.to_string(),
+                    headers: parts.headers,
+                    body,
+                });
+                a.notify_waiters();
+                Response::builder()
+                    .header("x-upstream", name)
+                    .body(full(name))
+                    .unwrap()
+            }
+        })
+        .await?;
+        upstream.seen = seen;
+        upstream.arrived = arrived;
+        Some(upstream)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen().pop().expect("upstream saw a request")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The three ClearML routes on `example.com`, each to its own upstream port.
+pub struct Cluster {
+    pub app: Upstream,
+    pub files: Upstream,
+    pub api: Upstream,
+}
+
+impl Cluster {
+    pub async fn echo() -> Cluster {
+        Cluster {
+            app: Upstream::echo("127.0.0.1:0", "app").await,
+            files: Upstream::echo("127.0.0.1:0", "files").await,
+            api: Upstream::echo("127.0.0.1:0", "api").await,
+        }
+    }
+
+    /// Route tables pointing at this cluster's ports, for a config text.
+    pub fn routes(&self) -> String {
+        format!(
+            "[routes.app]\nport = {}\n[routes.files]\nport = {}\n[routes.api]\nport = {}\n",
+            self.app.port(),
+            self.files.port(),
+            self.api.port()
+        )
+    }
+}
+
+/// Starts the proxy from config text; the listener binds 127.0.0.1:0.
+pub async fn proxy(config: &str) -> RunningServer {
+    let settings = Config::parse(Path::new("test.toml"), config).expect("test config is valid");
+    clearml_edge::start(settings).await.expect("proxy starts")
+}
+
+/// A config with one local listener, the given routes and nodes, and `extra` appended.
+pub fn config(routes: &str, nodes: &[&str], extra: &str) -> String {
+    let nodes: Vec<String> = nodes.iter().map(|n| format!("{n:?}")).collect();
+    format!(
+        "domain = \"example.com\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[discovery.static]\nnodes = [{}]\n{routes}{extra}",
+        nodes.join(", ")
+    )
+}
+
+pub async fn proxy_for(cluster: &Cluster, extra: &str) -> RunningServer {
+    proxy(&config(&cluster.routes(), &["127.0.0.1"], extra)).await
+}
+
+pub fn addr(server: &RunningServer) -> SocketAddr {
+    server.local_addrs()[0]
+}
+
+pub type TestClient = Client<HttpConnector, Body>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Sends a GET over cleartext HTTP/2 (prior knowledge) with `uri` as `:scheme`/`:authority`.
+pub async fn h2_get(proxy: SocketAddr, uri: &str) -> (StatusCode, HeaderMap, Bytes) {
+    let stream = TcpStream::connect(proxy).await.expect("connect proxy");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder().uri(uri).body(full("")).unwrap();
+    let resp = sender.send_request(req).await.expect("h2 answer");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("whole body").to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+/// Sends `method path` with `Host: host` to the proxy and returns status, headers and body.
+pub async fn send(
+    client: &TestClient,
+    proxy: SocketAddr,
+    method: Method,
+    host: &str,
+    path: &str,
+    body: Body,
+) -> (StatusCode, HeaderMap, Bytes) {
+    let req = Request::builder()
+        .method(method)
+        .uri(format!("http://{proxy}{path}"))
+        .header("host", host)
+        .body(body)
+        .unwrap();
+    let resp = client.request(req).await.expect("proxy answers");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("whole body").to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+pub async fn get(proxy: SocketAddr, host: &str, path: &str) -> (StatusCode, HeaderMap, Bytes) {
+    send(&client(), proxy, Method::GET, host, path, full("")).await
+}
+
+/// Writes raw bytes to the proxy and reads the answer until the proxy closes.
+pub async fn raw(proxy: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(proxy).await.expect("connect proxy");
+    stream.write_all(request).await.expect("write request");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The status code of a raw HTTP/1.1 answer.
+pub fn status_of(answer: &str) -> u16 {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+/// A listener that accepts connections and never answers.
+pub async fn stalled_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
+
+/// A port on 127.0.0.1 that nothing listens on.
+pub async fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr").port()
+}
