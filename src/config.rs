@@ -106,7 +106,9 @@ pub struct Timeouts {
     /// ClearML SDK's own read timeout.
     #[serde(with = "humantime_serde")]
     pub upstream_response_header: Duration,
-    /// How long an idle keep-alive connection (client or upstream) stays open. Default 75s.
+    /// How long an idle pooled connection to a node stays open, and the HTTP/2 client ping
+    /// interval (half of it). Idle HTTP/1.1 client connections are bounded by `client_header`,
+    /// as hyper arms that timer while it waits for the next request. Default 75s.
     #[serde(with = "humantime_serde")]
     pub idle_keepalive: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may run before the process exits.

@@ -150,6 +150,13 @@ impl Proxy {
         } else {
             None
         };
+        let first_len = first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map_or(0, |d| d.len());
+        if let Some(limit) = body_limit.filter(|l| first_len as u64 > *l) {
+            return Err(ProxyError::BodyTooLarge(limit));
+        }
         let (sent_tx, sent_rx) = oneshot::channel();
         let upstream_req =
             Request::from_parts(parts, RequestBody::new(body, first, body_limit, sent_tx));
