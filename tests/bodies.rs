@@ -236,6 +236,17 @@ async fn body_limit_answers_413_before_the_node_sees_anything() {
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(body.starts_with(b"413"));
+    // A chunked body whose first chunk is already over the limit never reaches the node.
+    let answer = raw(
+        addr(&proxy),
+        format!(
+            "POST / HTTP/1.1\r\nHost: api.example.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n7d0\r\n{}\r\n0\r\n\r\n",
+            "c".repeat(2000)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&answer), 413, "{answer}");
     assert_eq!(
         cluster
             .api
