@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod framing;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -20,6 +20,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
+use crate::framing::WatchedStream;
 use crate::proxy::{ClientConn, Proxy};
 use crate::routing::RouteTable;
 use crate::snapshot::Publisher;
@@ -172,7 +173,8 @@ async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let client = Arc::new(ClientConn::new(peer, "http"));
+    let (stream, framing) = WatchedStream::new(stream);
+    let client = Arc::new(ClientConn::new(peer, "http", framing));
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let client = client.clone();

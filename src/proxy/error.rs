@@ -17,6 +17,8 @@ pub enum ProxyError {
     DuplicateHost,
     #[error("no route for this host")]
     UnknownHost,
+    #[error("request has both Content-Length and Transfer-Encoding")]
+    AmbiguousLength,
     #[error("malformed request body: {0}")]
     BadBody(#[source] hyper::Error),
     #[error("request body exceeds the route's limit of {0} bytes")]
@@ -47,7 +49,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {
-            MissingHost | DuplicateHost | BadBody(_) | ClientGone => StatusCode::BAD_REQUEST,
+            MissingHost | DuplicateHost | AmbiguousLength | BadBody(_) | ClientGone => {
+                StatusCode::BAD_REQUEST
+            }
             UnknownHost => StatusCode::NOT_FOUND,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -68,6 +72,7 @@ impl ProxyError {
         match self {
             MissingHost => "400 Bad Request: missing Host header\n",
             DuplicateHost => "400 Bad Request: more than one Host header\n",
+            AmbiguousLength => "400 Bad Request: both Content-Length and Transfer-Encoding\n",
             BadBody(_) => "400 Bad Request: malformed request body\n",
             ClientGone => "400 Bad Request: request body ended early\n",
             UnknownHost => "404 Not Found: no route for this host\n",

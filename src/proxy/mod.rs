@@ -10,6 +10,7 @@ pub mod error;
 pub mod headers;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,29 +24,36 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use crate::config::Timeouts;
+use crate::framing::FramingReport;
 use crate::snapshot::{InFlightGuard, Snapshot};
 use crate::upstream::UpstreamClient;
 use body::{ClientBodyError, RequestBody, ResponseBody};
 pub use error::ProxyError;
 
 /// What the handler needs to know about the client connection a request came on.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ClientConn {
     pub peer: SocketAddr,
     /// The peer's IP, rendered once per connection for the forwarding headers.
     pub peer_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
+    /// What the raw-stream watcher saw of the request heads (HTTP/1.1).
+    framing: Arc<FramingReport>,
+    /// Requests dispatched so far on this connection, to match heads to requests.
+    requests: AtomicU64,
 }
 
 impl ClientConn {
-    pub fn new(peer: SocketAddr, proto: &'static str) -> Self {
+    pub fn new(peer: SocketAddr, proto: &'static str, framing: Arc<FramingReport>) -> Self {
         let peer_ip = HeaderValue::try_from(peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ClientConn {
             peer,
             peer_ip,
             proto,
+            framing,
+            requests: AtomicU64::new(0),
         }
     }
 }
@@ -104,10 +112,13 @@ impl Proxy {
             .ok_or(ProxyError::UnknownHost)?;
         let route = snapshot.table.route(route_id);
 
-        // Phase: check framing and limits before anything is sent upstream.
-        // hyper has already refused conflicting lengths and non-chunked codings, and frames a
-        // request with both Content-Length and Transfer-Encoding by the latter alone (closing
-        // the connection after it, RFC 9112 §6.1), so this only tells sized from chunked.
+        // Phase: check framing and limits before anything is sent upstream. hyper has refused
+        // conflicting lengths and non-chunked codings; a head with both length fields is
+        // only visible to the raw-stream watcher (hyper drops Content-Length from it).
+        let ordinal = conn.requests.fetch_add(1, Ordering::Relaxed);
+        if conn.framing.is_ambiguous(ordinal) {
+            return Err(ProxyError::AmbiguousLength);
+        }
         let chunked = req.headers().contains_key(TRANSFER_ENCODING);
         if let (Some(limit), Some(len)) = (route.max_body_bytes, req.body().size_hint().exact()) {
             if len > limit {
