@@ -31,9 +31,11 @@ pub struct Config {
     /// node ports; a `[routes.<name>]` table overrides their fields or adds a new route.
     #[serde(default)]
     pub routes: BTreeMap<String, RouteOverride>,
-    /// Where the node list comes from.
+    /// Where the node list comes from: `[discovery.static]` or `[discovery.kubernetes]`.
     #[serde(default)]
     pub discovery: DiscoveryConfig,
+    /// The admin listener (`/healthz`, `/readyz`). Absent: no admin listener.
+    pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]
@@ -77,12 +79,85 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port` of the admin listener; keep it on loopback or a private network.
+    pub address: String,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// A fixed list of node addresses.
     #[serde(rename = "static")]
     pub static_nodes: Option<StaticDiscovery>,
+    /// Watch the cluster's Node objects.
+    pub kubernetes: Option<KubernetesDiscovery>,
+}
+
+/// `[discovery.kubernetes]`: which Node objects are backends and how to reach them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// Server-side label selector for the nodes. Default `app=clearml`, the label ClearML's
+    /// guide puts on its node. An empty string selects every node.
+    #[serde(default = "default_label_selector")]
+    pub label_selector: String,
+    /// Node address types to use, in order of preference. Default
+    /// `["InternalIP", "ExternalIP", "Hostname"]`.
+    #[serde(default = "default_address_types")]
+    pub address_types: Vec<AddressType>,
+    /// Whether cordoned nodes (`spec.unschedulable`) stay backends. Default true: cordoning
+    /// only stops new pods; the node still serves its NodePorts.
+    #[serde(default = "default_true")]
+    pub include_unschedulable: bool,
+    /// Kubeconfig file. Default: `KUBECONFIG` or `~/.kube/config`, else the in-cluster
+    /// service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context. Default: the file's current context.
+    pub context: Option<String>,
+}
+
+/// A `status.addresses[].type` of a Node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AddressType {
+    InternalIP,
+    ExternalIP,
+    Hostname,
+}
+
+impl AddressType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressType::InternalIP => "InternalIP",
+            AddressType::ExternalIP => "ExternalIP",
+            AddressType::Hostname => "Hostname",
+        }
+    }
+}
+
+/// Where the backends' node list comes from, after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeSource {
+    Static(Vec<String>),
+    Kubernetes(KubernetesDiscovery),
+}
+
+fn default_label_selector() -> String {
+    "app=clearml".to_string()
+}
+
+fn default_address_types() -> Vec<AddressType> {
+    vec![
+        AddressType::InternalIP,
+        AddressType::ExternalIP,
+        AddressType::Hostname,
+    ]
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,7 +268,8 @@ pub struct Settings {
     pub config: Config,
     pub listeners: Vec<SocketAddr>,
     pub routes: Vec<Route>,
-    pub static_nodes: Vec<String>,
+    pub nodes: NodeSource,
+    pub admin: Option<SocketAddr>,
 }
 
 impl Config {
@@ -268,15 +344,23 @@ impl Config {
 
         let routes = self.effective_routes(&domain, path)?;
 
-        let static_nodes = match &self.discovery.static_nodes {
-            None => {
+        let nodes = match (&self.discovery.static_nodes, &self.discovery.kubernetes) {
+            (None, None) => {
                 return Err(err(
                     "discovery",
                     "no node source is configured".into(),
-                    "add [discovery.static] nodes = [\"10.0.0.5\", ...] with your cluster nodes' addresses",
+                    "add [discovery.static] nodes = [\"10.0.0.5\", ...] with your cluster nodes' addresses, or [discovery.kubernetes] to watch the cluster's nodes",
                 ))
             }
-            Some(s) => {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "discovery",
+                    "both [discovery.static] and [discovery.kubernetes] are set".into(),
+                    "keep one node source",
+                ))
+            }
+            (None, Some(k)) => NodeSource::Kubernetes(validate_kubernetes(k, path)?),
+            (Some(s), None) => {
                 if s.nodes.is_empty() {
                     return Err(err(
                         "discovery.static.nodes",
@@ -303,7 +387,28 @@ impl Config {
                     }
                     nodes.push(normalized);
                 }
-                nodes
+                NodeSource::Static(nodes)
+            }
+        };
+
+        let admin = match &self.admin {
+            None => None,
+            Some(a) => {
+                let addr: SocketAddr = a.address.parse().map_err(|_| {
+                    err(
+                        "admin.address",
+                        format!("{:?} is not an ip:port address", a.address),
+                        "write it as \"127.0.0.1:9901\"",
+                    )
+                })?;
+                if listeners.contains(&addr) {
+                    return Err(err(
+                        "admin.address",
+                        format!("{addr} is also a proxy listener"),
+                        "give the admin listener its own port",
+                    ));
+                }
+                Some(addr)
             }
         };
 
@@ -348,7 +453,8 @@ impl Config {
             source: path.to_path_buf(),
             listeners,
             routes,
-            static_nodes,
+            nodes,
+            admin,
             config: self,
         })
     }
@@ -465,6 +571,57 @@ impl Config {
         }
         Ok(routes)
     }
+}
+
+fn validate_kubernetes(
+    k: &KubernetesDiscovery,
+    path: &Path,
+) -> Result<KubernetesDiscovery, ConfigError> {
+    let err = |key: &str, problem: String, fix: &str| ConfigError {
+        file: path.to_path_buf(),
+        key: format!("discovery.kubernetes.{key}"),
+        problem,
+        fix: fix.to_string(),
+    };
+    if k.address_types.is_empty() {
+        return Err(err(
+            "address_types",
+            "no address type is allowed".into(),
+            "list at least one of \"InternalIP\", \"ExternalIP\", \"Hostname\"",
+        ));
+    }
+    if let Some(dup) = k
+        .address_types
+        .iter()
+        .enumerate()
+        .find(|(i, t)| k.address_types[..*i].contains(t))
+    {
+        return Err(err(
+            "address_types",
+            format!("{} is listed twice", dup.1.as_str()),
+            "list each address type once, in order of preference",
+        ));
+    }
+    if k.label_selector.contains(char::is_whitespace)
+        && !k.label_selector.contains(" in ")
+        && !k.label_selector.contains(" notin ")
+    {
+        return Err(err(
+            "label_selector",
+            format!("{:?} contains spaces", k.label_selector),
+            "write it as Kubernetes does, e.g. \"app=clearml\" or \"app=clearml,tier!=gpu\"",
+        ));
+    }
+    if let Some(file) = &k.kubeconfig {
+        if !file.is_file() {
+            return Err(err(
+                "kubeconfig",
+                format!("{} does not exist or is not a file", file.display()),
+                "give the path of a kubeconfig file, or remove the key to use KUBECONFIG, ~/.kube/config or the in-cluster service account",
+            ));
+        }
+    }
+    Ok(k.clone())
 }
 
 /// Turns a toml error's byte span into a `line N` locator, as the dotted key is not exposed.

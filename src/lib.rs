@@ -10,7 +10,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
+pub mod discovery;
 pub mod framing;
 pub mod proxy;
 pub mod routing;

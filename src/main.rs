@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use clearml_edge::config::NodeSource;
 use clearml_edge::{Config, Settings};
 
 #[derive(Parser)]
@@ -84,6 +85,9 @@ async fn run(settings: Settings) -> ExitCode {
     for addr in server.local_addrs() {
         tracing::info!(%addr, "listening (HTTP/1.1 and h2c)");
     }
+    if let Some(addr) = server.admin_addr() {
+        tracing::info!(%addr, "admin listening (/healthz, /readyz)");
+    }
     for line in table.lines() {
         tracing::info!("route {line}");
     }
@@ -119,17 +123,23 @@ async fn wait_for_signal() {
 fn route_table(settings: &Settings) -> String {
     let mut out = String::new();
     for route in &settings.routes {
-        let backends: Vec<String> = settings
-            .static_nodes
-            .iter()
-            .map(|n| {
-                if n.contains(':') {
-                    format!("[{n}]:{}", route.port)
-                } else {
-                    format!("{n}:{}", route.port)
-                }
-            })
-            .collect();
+        let backends = match &settings.nodes {
+            NodeSource::Static(nodes) => nodes
+                .iter()
+                .map(|n| {
+                    if n.contains(':') {
+                        format!("[{n}]:{}", route.port)
+                    } else {
+                        format!("{n}:{}", route.port)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            NodeSource::Kubernetes(k) => format!(
+                "Kubernetes nodes matching {:?}:{}",
+                k.label_selector, route.port
+            ),
+        };
         let limit = route
             .max_body_bytes
             .map(|l| format!(" (body limit {l} bytes)"))
@@ -139,9 +149,12 @@ fn route_table(settings: &Settings) -> String {
             route.hosts.join(", "),
             route.name,
             route.port,
-            backends.join(", "),
+            backends,
             limit
         ));
+    }
+    if let Some(admin) = settings.admin {
+        out.push_str(&format!("admin: http://{admin}/healthz, /readyz\n"));
     }
     out
 }

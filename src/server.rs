@@ -19,7 +19,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::admin::AdminState;
 use crate::config::Settings;
+use crate::discovery::DiscoveryStatus;
 use crate::framing::WatchedStream;
 use crate::proxy::{ClientConn, Proxy};
 use crate::routing::RouteTable;
@@ -28,7 +30,10 @@ use crate::snapshot::Publisher;
 /// A running proxy: its bound addresses, its publisher, and the way to stop it.
 pub struct RunningServer {
     local_addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     publisher: Arc<Publisher>,
+    discovery: Arc<DiscoveryStatus>,
+    discovery_task: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -39,22 +44,38 @@ impl RunningServer {
         &self.local_addrs
     }
 
+    /// The admin listener's bound address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     pub fn publisher(&self) -> &Arc<Publisher> {
         &self.publisher
+    }
+
+    pub fn discovery(&self) -> &Arc<DiscoveryStatus> {
+        &self.discovery
     }
 
     /// Stops accepting, lets in-flight requests finish within the drain timeout, and returns
     /// when every connection has ended (or the timeout passed).
     pub async fn shutdown(self) {
+        if let Some(discovery) = &self.discovery_task {
+            discovery.abort();
+        }
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
     }
 }
 
-/// Binds the listeners, publishes the static node list and starts serving.
+/// Binds the listeners, starts discovery and starts serving.
 pub async fn start(settings: Settings) -> io::Result<RunningServer> {
     let publisher = Arc::new(Publisher::new(RouteTable::new(settings.routes.clone())));
-    publisher.publish_nodes(&settings.static_nodes);
+    let discovery = Arc::new(DiscoveryStatus::default());
+    let discovery_task =
+        crate::discovery::start(&settings.nodes, publisher.clone(), discovery.clone())
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
     let proxy = Arc::new(Proxy::new(publisher.snapshots(), &settings.config.timeouts));
 
     let mut listeners = Vec::with_capacity(settings.listeners.len());
@@ -69,10 +90,26 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         .map(TcpListener::local_addr)
         .collect::<io::Result<Vec<_>>>()?;
 
+    let (admin_listener, admin_addr) = match settings.admin {
+        Some(addr) => {
+            let listener = crate::admin::bind(addr).await?;
+            let bound = listener.local_addr()?;
+            (Some(listener), Some(bound))
+        }
+        None => (None, None),
+    };
+
     let builder = Arc::new(connection_builder(&settings));
     let limit = Arc::new(Semaphore::new(settings.config.limits.max_connections));
     let drain = settings.config.timeouts.shutdown_drain;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    if let Some(listener) = admin_listener {
+        let state = AdminState {
+            snapshots: publisher.snapshots(),
+            discovery: discovery.clone(),
+        };
+        tokio::spawn(crate::admin::serve(listener, state, shutdown_rx.clone()));
+    }
 
     let task = tokio::spawn(async move {
         let graceful = Arc::new(GracefulShutdown::new());
@@ -97,7 +134,10 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
 
     Ok(RunningServer {
         local_addrs,
+        admin_addr,
         publisher,
+        discovery,
+        discovery_task,
         shutdown,
         task,
     })

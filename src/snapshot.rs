@@ -90,6 +90,8 @@ impl RoutePool {
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
+    /// False until discovery has published its first node list.
+    pub synced: bool,
     pub table: Arc<RouteTable>,
     /// Indexed by [`RouteId`].
     pub pools: Vec<RoutePool>,
@@ -110,6 +112,7 @@ pub struct Publisher {
 
 struct PublisherState {
     table: Arc<RouteTable>,
+    synced: bool,
     nodes: Vec<Arc<str>>,
     /// Backends that any live snapshot or request still holds, by (node, port).
     registry: HashMap<(Arc<str>, u16), Weak<Backend>>,
@@ -120,6 +123,7 @@ impl Publisher {
         let table = Arc::new(table);
         let empty = Snapshot {
             version: 0,
+            synced: false,
             pools: table
                 .routes()
                 .iter()
@@ -131,6 +135,7 @@ impl Publisher {
             current: Arc::new(ArcSwap::from_pointee(empty)),
             state: Mutex::new(PublisherState {
                 table,
+                synced: false,
                 nodes: Vec::new(),
                 registry: HashMap::new(),
             }),
@@ -151,6 +156,7 @@ impl Publisher {
     pub fn publish_nodes(&self, nodes: &[String]) {
         let mut state = self.lock();
         state.nodes = nodes.iter().map(|n| Arc::<str>::from(n.as_str())).collect();
+        state.synced = true;
         self.rebuild(&mut state);
     }
 
@@ -170,6 +176,7 @@ impl Publisher {
     fn rebuild(&self, state: &mut PublisherState) {
         let PublisherState {
             table,
+            synced,
             nodes,
             registry,
         } = state;
@@ -196,6 +203,7 @@ impl Publisher {
         let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
         self.current.store(Arc::new(Snapshot {
             version,
+            synced: *synced,
             table: table.clone(),
             pools,
         }));

@@ -23,6 +23,8 @@ pub enum ProxyError {
     BadBody(#[source] hyper::Error),
     #[error("request body exceeds the route's limit of {0} bytes")]
     BodyTooLarge(u64),
+    #[error("no node list yet: discovery has not synced")]
+    NotReady,
     #[error("route {route} has no node")]
     NoBackend { route: String },
     #[error("connect to {node} failed: {source}")]
@@ -54,7 +56,7 @@ impl ProxyError {
             }
             UnknownHost => StatusCode::NOT_FOUND,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            NoBackend { .. } | NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ConnectFailed { .. } | UpstreamFailed { .. } | UnexpectedUpgrade { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -78,6 +80,7 @@ impl ProxyError {
             UnknownHost => "404 Not Found: no route for this host\n",
             BodyTooLarge(_) => "413 Payload Too Large: request body exceeds this route's limit\n",
             NoBackend { .. } => "503 Service Unavailable: no node available for this route\n",
+            NotReady => "503 Service Unavailable: waiting for the first node list\n",
             ConnectFailed { .. } => "502 Bad Gateway: could not connect to a node\n",
             UpstreamFailed { .. } => "502 Bad Gateway: the node failed to answer\n",
             UnexpectedUpgrade { .. } => "502 Bad Gateway: the node switched protocols unasked\n",
@@ -93,7 +96,7 @@ impl ProxyError {
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if let ProxyError::NoBackend { .. } = self {
+        if let ProxyError::NoBackend { .. } | ProxyError::NotReady = self {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
         }
         response

@@ -130,6 +130,7 @@ impl Proxy {
         // Phase: select.
         let in_flight = match snapshot.pool(route_id).pick() {
             Some(backend) => backend.start_request(),
+            None if !snapshot.synced => return Err(ProxyError::NotReady),
             None => {
                 return Err(ProxyError::NoBackend {
                     route: route.name.clone(),
