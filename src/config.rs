@@ -332,7 +332,7 @@ impl Config {
                     "write it as \"0.0.0.0:8080\" or \"[::]:8080\"",
                 )
             })?;
-            if listeners.contains(&addr) {
+            if addr.port() != 0 && listeners.contains(&addr) {
                 return Err(err(
                     &key,
                     format!("{addr} is listed twice"),
@@ -401,7 +401,7 @@ impl Config {
                         "write it as \"127.0.0.1:9901\"",
                     )
                 })?;
-                if listeners.contains(&addr) {
+                if addr.port() != 0 && listeners.contains(&addr) {
                     return Err(err(
                         "admin.address",
                         format!("{addr} is also a proxy listener"),

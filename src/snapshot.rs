@@ -108,6 +108,9 @@ pub struct Publisher {
     current: Arc<ArcSwap<Snapshot>>,
     state: Mutex<PublisherState>,
     versions: AtomicU64,
+    /// Tells watchers (admin, tests) that a new snapshot is out; the request path never
+    /// touches it.
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 struct PublisherState {
@@ -140,7 +143,13 @@ impl Publisher {
                 registry: HashMap::new(),
             }),
             versions: AtomicU64::new(0),
+            published: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// A receiver that sees the version of every snapshot published from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// The handle the request path loads from.
@@ -207,6 +216,7 @@ impl Publisher {
             table: table.clone(),
             pools,
         }));
+        self.published.send_replace(version);
     }
 }
 

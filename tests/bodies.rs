@@ -210,6 +210,8 @@ async fn download_streams_before_the_node_has_sent_the_last_byte() {
     // The first bytes reach the client while the node still holds the rest.
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, "first-");
+    // Read while the node sends: back-pressure would otherwise stall both ends.
+    let rest = tokio::spawn(body.collect());
     for _ in 0..8 {
         release_tx
             .send(Bytes::from(vec![1u8; 1 << 20]))
@@ -217,7 +219,7 @@ async fn download_streams_before_the_node_has_sent_the_last_byte() {
             .unwrap();
     }
     drop(release_tx);
-    let rest = body.collect().await.unwrap().to_bytes();
+    let rest = rest.await.unwrap().unwrap().to_bytes();
     assert_eq!(rest.len(), 8 << 20);
 }
 

@@ -43,6 +43,9 @@ pub enum DiscoveryError {
 /// Builds the API client: the configured kubeconfig, else `Config::infer` (kubeconfig from
 /// `KUBECONFIG`/`~/.kube/config` first, then the in-cluster service account).
 pub async fn client(settings: &KubernetesDiscovery) -> Result<Client, DiscoveryError> {
+    // kube's rustls needs a process-wide crypto provider; a second install (another client
+    // in the same process) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let options = KubeConfigOptions {
         context: settings.context.clone(),
         ..KubeConfigOptions::default()
