@@ -12,6 +12,7 @@ fn table() -> RouteTable {
         hosts: vec![format!("{name}.clearml.example.com")],
         port,
         max_body_bytes: None,
+        health: Default::default(),
     };
     RouteTable::new(vec![
         route("app", 30080),

@@ -38,6 +38,12 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Active health checks (timing; the check itself is per route).
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// How requests are spread and retried.
+    #[serde(default)]
+    pub balancing: BalancingConfig,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -67,6 +73,96 @@ pub struct RouteOverride {
     pub max_body_bytes: Option<u64>,
     /// `false` removes a default route.
     pub enabled: Option<bool>,
+    /// Active check of each node on this route's port: `http` (GET `health_path`, healthy on
+    /// 2xx/3xx), `tcp` (connect only) or `none`. Default `http`.
+    pub health_check: Option<HealthKind>,
+    /// Path of the HTTP check. Default `/debug.ping` for api, `/` for the others (the file
+    /// server answers `GET /` with `OK`; no credentials are sent).
+    pub health_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    #[default]
+    Http,
+    Tcp,
+    None,
+}
+
+/// A route's active check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    pub path: String,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: HealthKind::Http,
+            path: "/".into(),
+        }
+    }
+}
+
+/// `[health]`: timing of the active checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Time between checks of one node. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time one check may take. Default 2s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring an unhealthy node back. Default 2.
+    pub rise: u32,
+    /// Consecutive failures that take a node out. Default 3.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Power of two choices on in-flight requests.
+    #[default]
+    P2c,
+    RoundRobin,
+}
+
+/// `[balancing]`: spreading and retrying.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalancingConfig {
+    /// `p2c` (default: the less busy of two random nodes) or `round_robin`.
+    pub algorithm: Algorithm,
+    /// Retries allowed, as a percentage of requests (a token bucket with a small reserve),
+    /// so a failing cluster is not hit by a retry storm. Default 20.
+    pub retry_budget_percent: u32,
+    /// Idle keep-alive connections kept per node and port. Default 64.
+    pub max_idle_per_node: usize,
+}
+
+impl Default for BalancingConfig {
+    fn default() -> Self {
+        BalancingConfig {
+            algorithm: Algorithm::P2c,
+            retry_budget_percent: 20,
+            max_idle_per_node: 64,
+        }
+    }
 }
 
 /// An effective route, after defaults and overrides.
@@ -77,6 +173,7 @@ pub struct Route {
     pub hosts: Vec<String>,
     pub port: u16,
     pub max_body_bytes: Option<u64>,
+    pub health: HealthCheck,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -431,6 +528,37 @@ impl Config {
             }
         }
 
+        let h = &self.health;
+        if h.interval.is_zero() || h.timeout.is_zero() {
+            return Err(err(
+                if h.interval.is_zero() {
+                    "health.interval"
+                } else {
+                    "health.timeout"
+                },
+                "a zero duration cannot pace or bound a check".into(),
+                "give a positive duration, e.g. \"5s\"",
+            ));
+        }
+        if h.rise == 0 || h.fall == 0 {
+            return Err(err(
+                if h.rise == 0 {
+                    "health.rise"
+                } else {
+                    "health.fall"
+                },
+                "0 checks cannot decide anything".into(),
+                "use 1 or more (defaults: rise 2, fall 3)",
+            ));
+        }
+        if self.balancing.retry_budget_percent > 100 {
+            return Err(err(
+                "balancing.retry_budget_percent",
+                format!("{} is over 100", self.balancing.retry_budget_percent),
+                "give a percentage of requests, 0-100 (default 20)",
+            ));
+        }
+
         if self.limits.max_request_header_bytes < MIN_HEADER_BYTES {
             return Err(err(
                 "limits.max_request_header_bytes",
@@ -555,11 +683,26 @@ impl Config {
                     "remove the key for no limit, or give a size in bytes".into(),
                 ));
             }
+            let health_path = over
+                .health_path
+                .clone()
+                .unwrap_or_else(|| if name == "api" { "/debug.ping" } else { "/" }.to_string());
+            if !health_path.starts_with('/') || health_path.contains(char::is_whitespace) {
+                return Err(err(
+                    format!("routes.{name}.health_path"),
+                    format!("{health_path:?} is not a request path"),
+                    "write a path starting with /, e.g. \"/debug.ping\"".into(),
+                ));
+            }
             routes.push(Route {
                 name: name.to_string(),
                 hosts,
                 port,
                 max_body_bytes: over.max_body_bytes,
+                health: HealthCheck {
+                    kind: over.health_check.unwrap_or_default(),
+                    path: health_path,
+                },
             });
         }
         if routes.is_empty() {

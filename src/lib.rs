@@ -11,9 +11,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod framing;
+pub mod health;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -79,6 +79,7 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             port,
             max_body_bytes: None,
+            health: Default::default(),
         };
         RouteTable::new(vec![
             route("app", &["app.example.com"], 30080),

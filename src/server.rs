@@ -26,6 +26,7 @@ use crate::framing::WatchedStream;
 use crate::proxy::{ClientConn, Proxy};
 use crate::routing::RouteTable;
 use crate::snapshot::Publisher;
+use crate::upstream::PoolSettings;
 
 /// A running proxy: its bound addresses, its publisher, and the way to stop it.
 pub struct RunningServer {
@@ -34,6 +35,7 @@ pub struct RunningServer {
     publisher: Arc<Publisher>,
     discovery: Arc<DiscoveryStatus>,
     discovery_task: Option<JoinHandle<()>>,
+    health_task: JoinHandle<()>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -63,6 +65,7 @@ impl RunningServer {
         if let Some(discovery) = &self.discovery_task {
             discovery.abort();
         }
+        self.health_task.abort();
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
     }
@@ -70,13 +73,26 @@ impl RunningServer {
 
 /// Binds the listeners, starts discovery and starts serving.
 pub async fn start(settings: Settings) -> io::Result<RunningServer> {
-    let publisher = Arc::new(Publisher::new(RouteTable::new(settings.routes.clone())));
+    let config = &settings.config;
+    let pool_settings = PoolSettings {
+        max_idle: config.balancing.max_idle_per_node,
+        idle_timeout: config.timeouts.idle_keepalive,
+        connect_timeout: config.timeouts.connect,
+    };
+    let publisher = Arc::new(Publisher::new(
+        RouteTable::new(settings.routes.clone()),
+        pool_settings,
+    ));
     let discovery = Arc::new(DiscoveryStatus::default());
     let discovery_task =
         crate::discovery::start(&settings.nodes, publisher.clone(), discovery.clone())
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
-    let proxy = Arc::new(Proxy::new(publisher.snapshots(), &settings.config.timeouts));
+    let proxy = Arc::new(Proxy::new(publisher.snapshots(), &settings.config));
+    let health_task = tokio::spawn(crate::health::run(
+        publisher.clone(),
+        settings.config.health.clone(),
+    ));
 
     let mut listeners = Vec::with_capacity(settings.listeners.len());
     for addr in &settings.listeners {
@@ -138,6 +154,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         publisher,
         discovery,
         discovery_task,
+        health_task,
         shutdown,
         task,
     })

@@ -3,17 +3,32 @@
 //!
 //! Discovery (static list today, Kubernetes next) calls [`Publisher::publish_nodes`]; the
 //! request path does one `ArcSwap::load` per request and never locks. A backend's state (its
-//! in-flight count) lives in an `Arc<Backend>` shared by every snapshot that holds the node,
-//! so it survives swaps; a removed node's `Arc` stays alive exactly as long as requests on it.
+//! in-flight count, health, ejection and idle connections) lives in an `Arc<Backend>` shared
+//! by every snapshot that holds the node, so it survives swaps; a removed node's `Arc` stays
+//! alive exactly as long as requests on it, and its idle connections close when it goes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::http::uri::Authority;
 
 use crate::routing::{RouteId, RouteTable};
+use crate::upstream::{ConnectTarget, IdlePool, PoolSettings};
+
+/// Longest passive ejection, however often a node fails.
+const MAX_EJECTION: Duration = Duration::from_secs(30);
+/// First passive ejection; doubles with each consecutive failure.
+const BASE_EJECTION: Duration = Duration::from_secs(1);
+
+/// Milliseconds since the process's first call: a cheap clock for atomics.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
 
 /// One node on one route port.
 #[derive(Debug)]
@@ -22,11 +37,19 @@ pub struct Backend {
     pub port: u16,
     /// `node:port`, IPv6 bracketed, ready for the upstream URI.
     pub authority: Authority,
+    pub target: ConnectTarget,
+    pub pool: IdlePool,
     in_flight: AtomicUsize,
+    /// Verdict of the active health check (healthy until it says otherwise).
+    healthy: AtomicBool,
+    /// Consecutive connect failures or resets; drives the ejection backoff.
+    failures: AtomicU32,
+    /// Passively ejected until this [`now_ms`] instant.
+    ejected_until: AtomicU64,
 }
 
 impl Backend {
-    fn new(node: Arc<str>, port: u16) -> Option<Self> {
+    fn new(node: Arc<str>, port: u16, pool: PoolSettings) -> Option<Self> {
         let text = if node.contains(':') {
             format!("[{node}]:{port}")
         } else {
@@ -34,15 +57,68 @@ impl Backend {
         };
         let authority = Authority::try_from(text).ok()?;
         Some(Backend {
+            target: ConnectTarget::new(&node, port),
             node,
             port,
             authority,
+            pool: IdlePool::new(pool),
             in_flight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
         })
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// `Some(ms)` while passively ejected, with the [`now_ms`] instant it ends.
+    pub fn ejected_until(&self, now: u64) -> Option<u64> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        (until > now).then_some(until)
+    }
+
+    /// Healthy by the active check and not passively ejected.
+    pub fn is_usable(&self, now: u64) -> bool {
+        self.is_healthy() && self.ejected_until(now).is_none()
+    }
+
+    /// Sets the active-check verdict; returns true when it changed. Going unhealthy closes
+    /// the idle connections, so nothing reuses a connection to a node in trouble.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
+        if changed && !healthy {
+            self.pool.clear();
+        }
+        changed
+    }
+
+    /// A connect failure or reset: eject for a backoff that doubles with each consecutive
+    /// failure (1 s up to 30 s). Returns the ejection length.
+    pub fn record_failure(&self) -> Duration {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let factor = 1u32 << failures.saturating_sub(1).min(5);
+        let ejection = (BASE_EJECTION * factor).min(MAX_EJECTION);
+        self.ejected_until
+            .store(now_ms() + ejection.as_millis() as u64, Ordering::Relaxed);
+        self.pool.clear();
+        ejection
+    }
+
+    /// A successful exchange resets the backoff.
+    pub fn record_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Counts a request on this backend until the guard drops.
@@ -72,18 +148,8 @@ impl Drop for InFlightGuard {
 #[derive(Debug, Default)]
 pub struct RoutePool {
     pub backends: Vec<Arc<Backend>>,
-    next: AtomicUsize,
-}
-
-impl RoutePool {
-    /// Round robin over the pool's backends; `None` when the pool is empty.
-    pub fn pick(&self) -> Option<&Arc<Backend>> {
-        if self.backends.is_empty() {
-            return None;
-        }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.backends.get(n % self.backends.len())
-    }
+    /// Round-robin position.
+    pub(crate) next: AtomicUsize,
 }
 
 /// Everything the request path needs, immutable once published.
@@ -106,6 +172,7 @@ impl Snapshot {
 /// Builds snapshots off the request path and swaps them in.
 pub struct Publisher {
     current: Arc<ArcSwap<Snapshot>>,
+    pool_settings: PoolSettings,
     state: Mutex<PublisherState>,
     versions: AtomicU64,
     /// Tells watchers (admin, tests) that a new snapshot is out; the request path never
@@ -122,7 +189,7 @@ struct PublisherState {
 }
 
 impl Publisher {
-    pub fn new(table: RouteTable) -> Self {
+    pub fn new(table: RouteTable, pool_settings: PoolSettings) -> Self {
         let table = Arc::new(table);
         let empty = Snapshot {
             version: 0,
@@ -136,6 +203,7 @@ impl Publisher {
         };
         Publisher {
             current: Arc::new(ArcSwap::from_pointee(empty)),
+            pool_settings,
             state: Mutex::new(PublisherState {
                 table,
                 synced: false,
@@ -201,7 +269,8 @@ impl Publisher {
                         if let Some(live) = registry.get(&key).and_then(Weak::upgrade) {
                             return Some(live);
                         }
-                        let backend = Arc::new(Backend::new(node.clone(), route.port)?);
+                        let backend =
+                            Arc::new(Backend::new(node.clone(), route.port, self.pool_settings)?);
                         registry.insert(key, Arc::downgrade(&backend));
                         Some(backend)
                     })
@@ -226,12 +295,16 @@ mod tests {
     use crate::config::Route;
 
     fn publisher() -> Publisher {
-        Publisher::new(RouteTable::new(vec![Route {
-            name: "api".into(),
-            hosts: vec!["api.x".into()],
-            port: 30008,
-            max_body_bytes: None,
-        }]))
+        Publisher::new(
+            RouteTable::new(vec![Route {
+                name: "api".into(),
+                hosts: vec!["api.x".into()],
+                port: 30008,
+                max_body_bytes: None,
+                health: Default::default(),
+            }]),
+            PoolSettings::default(),
+        )
     }
 
     #[test]
@@ -253,14 +326,23 @@ mod tests {
     }
 
     #[test]
-    fn round_robin_visits_every_node() {
+    fn failures_eject_with_growing_backoff_and_success_resets() {
         let p = publisher();
-        p.publish_nodes(&["a".into(), "b".into(), "c".into()]);
+        p.publish_nodes(&["10.0.0.1".into()]);
         let snap = p.current();
-        let mut seen: Vec<String> = (0..6)
-            .map(|_| snap.pool(0).pick().unwrap().node.to_string())
-            .collect();
-        seen.sort();
-        assert_eq!(seen, ["a", "a", "b", "b", "c", "c"]);
+        let b = &snap.pool(0).backends[0];
+        assert!(b.is_usable(now_ms()));
+        assert_eq!(b.record_failure(), Duration::from_secs(1));
+        assert_eq!(b.record_failure(), Duration::from_secs(2));
+        assert!(!b.is_usable(now_ms()));
+        for _ in 0..10 {
+            b.record_failure();
+        }
+        assert_eq!(b.record_failure(), MAX_EJECTION);
+        b.record_success();
+        assert!(b.is_usable(now_ms()));
+        assert!(b.set_healthy(false));
+        assert!(!b.is_usable(now_ms()));
+        assert!(!b.set_healthy(false));
     }
 }

@@ -42,7 +42,7 @@ async fn nodes() -> Nodes {
 
 async fn proxy_watching(kube: &FakeKube, port: u16) -> clearml_edge::RunningServer {
     let text = format!(
-        "domain = \"example.com\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n[routes.api]\nport = {port}\n[discovery.kubernetes]\nkubeconfig = {:?}\n",
+        "domain = \"example.com\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n[balancing]\nalgorithm = \"round_robin\"\n[routes.api]\nport = {port}\n[discovery.kubernetes]\nkubeconfig = {:?}\n",
         kube.kubeconfig().display().to_string()
     );
     proxy(&text).await

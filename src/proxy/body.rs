@@ -10,6 +10,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 
 use crate::snapshot::InFlightGuard;
+use crate::upstream::Sender;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -25,7 +26,8 @@ pub enum ClientBodyError {
 
 /// The client's request body, forwarded to a node.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None` for a request sent again without a body.
+    inner: Option<Incoming>,
     /// A frame read before the upstream was contacted (see `Proxy::prefetch`).
     first: Option<Frame<Bytes>>,
     limit: Option<u64>,
@@ -36,7 +38,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(
-        inner: Incoming,
+        inner: Option<Incoming>,
         first: Option<Frame<Bytes>>,
         limit: Option<u64>,
         sent: oneshot::Sender<()>,
@@ -73,7 +75,11 @@ impl Body for RequestBody {
         if let Some(frame) = this.first.take() {
             return Poll::Ready(Some(Ok(frame)));
         }
-        let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            this.finish();
+            return Poll::Ready(None);
+        };
+        let polled = match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(polled) => polled,
         };
@@ -94,7 +100,7 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(ClientBodyError::TooLarge(limit).into())));
                     }
                 }
-                if this.inner.is_end_stream() {
+                if this.inner.as_ref().is_none_or(Incoming::is_end_stream) {
                     this.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -103,15 +109,15 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        self.first.is_none() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         // Only chunked bodies are prefetched, and those have no exact size to keep.
-        if self.first.is_some() {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
+        match (&self.first, &self.inner) {
+            (Some(_), _) => SizeHint::default(),
+            (None, Some(inner)) => inner.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
         }
     }
 }
@@ -124,15 +130,43 @@ impl Drop for RequestBody {
 
 /// What the proxy answers with: a node's streamed body, or a short body of its own.
 pub enum ResponseBody {
-    /// Streams from the node; the guard counts the request as in flight until the last byte.
+    /// Streams from the node; the guard counts the request as in flight until the last byte,
+    /// and the connection goes back to the node's idle pool after it.
     Upstream {
         body: Incoming,
-        _in_flight: InFlightGuard,
+        in_flight: InFlightGuard,
+        connection: Option<Sender>,
     },
     Synthetic(Option<Bytes>),
 }
 
 impl ResponseBody {
+    pub fn upstream(body: Incoming, in_flight: InFlightGuard, connection: Sender) -> Self {
+        let mut body = ResponseBody::Upstream {
+            body,
+            in_flight,
+            connection: Some(connection),
+        };
+        // A response with no body (204, 304, HEAD) is done already.
+        body.release_if_done();
+        body
+    }
+
+    fn release_if_done(&mut self) {
+        if let ResponseBody::Upstream {
+            body,
+            in_flight,
+            connection,
+        } = self
+        {
+            if body.is_end_stream() {
+                if let Some(sender) = connection.take() {
+                    in_flight.backend().pool.put_back(sender);
+                }
+            }
+        }
+    }
+
     pub fn text(text: &'static str) -> Self {
         ResponseBody::Synthetic(Some(Bytes::from_static(text.as_bytes())))
     }
@@ -150,8 +184,16 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ResponseBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+        let this = self.get_mut();
+        match this {
+            ResponseBody::Upstream { body, .. } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) | Poll::Ready(Some(Ok(_))) => this.release_if_done(),
+                    _ => {}
+                }
+                polled
+            }
             ResponseBody::Synthetic(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }

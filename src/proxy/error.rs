@@ -27,19 +27,15 @@ pub enum ProxyError {
     NotReady,
     #[error("route {route} has no node")]
     NoBackend { route: String },
-    #[error("connect to {node} failed: {source}")]
-    ConnectFailed {
-        node: String,
-        #[source]
-        source: hyper_util::client::legacy::Error,
-    },
+    #[error("connect to {node} failed: {reason}")]
+    ConnectFailed { node: String, reason: String },
     #[error("{node} did not answer within {secs}s")]
     UpstreamTimeout { node: String, secs: u64 },
     #[error("{node} failed: {source}")]
     UpstreamFailed {
         node: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     #[error("{node} switched protocols without being asked")]
     UnexpectedUpgrade { node: String },

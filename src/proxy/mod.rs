@@ -18,15 +18,15 @@ use arc_swap::ArcSwap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, EXPECT, HOST, TRANSFER_ENCODING};
-use hyper::http::uri::{PathAndQuery, Scheme};
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::http::uri::PathAndQuery;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
-use crate::config::Timeouts;
+use crate::balance::{self, RetryBudget};
+use crate::config::{Algorithm, Config};
 use crate::framing::FramingReport;
-use crate::snapshot::{InFlightGuard, Snapshot};
-use crate::upstream::UpstreamClient;
+use crate::snapshot::{now_ms, Backend, InFlightGuard, Snapshot};
 use body::{ClientBodyError, RequestBody, ResponseBody};
 pub use error::ProxyError;
 
@@ -61,16 +61,18 @@ impl ClientConn {
 /// The proxy service shared by every connection.
 pub struct Proxy {
     snapshots: Arc<ArcSwap<Snapshot>>,
-    client: UpstreamClient,
     response_header_timeout: Duration,
+    algorithm: Algorithm,
+    budget: RetryBudget,
 }
 
 impl Proxy {
-    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, timeouts: &Timeouts) -> Self {
+    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, config: &Config) -> Self {
         Proxy {
             snapshots,
-            client: crate::upstream::client(timeouts),
-            response_header_timeout: timeouts.upstream_response_header,
+            response_header_timeout: config.timeouts.upstream_response_header,
+            algorithm: config.balancing.algorithm,
+            budget: RetryBudget::new(config.balancing.retry_budget_percent),
         }
     }
 
@@ -103,7 +105,7 @@ impl Proxy {
         conn: &ClientConn,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // Phase: route.
-        let snapshot = self.snapshots.load();
+        let snapshot = self.snapshots.load_full();
         let host = request_host(&req)?;
         let route_id = host
             .to_str()
@@ -127,23 +129,18 @@ impl Proxy {
         }
         let body_limit = route.max_body_bytes;
 
-        // Phase: select.
-        let in_flight = match snapshot.pool(route_id).pick() {
-            Some(backend) => backend.start_request(),
-            None if !snapshot.synced => return Err(ProxyError::NotReady),
-            None => {
-                return Err(ProxyError::NoBackend {
-                    route: route.name.clone(),
-                })
-            }
-        };
-        drop(snapshot);
-
-        // Phase: prepare the upstream request.
+        // Phase: prepare the node-independent part of the upstream request.
         let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, mut body) = req.into_parts();
-        parts.uri = upstream_uri(&parts.uri, &in_flight)?;
+        // Origin form, byte for byte: the node gets the client's path and query untouched.
+        parts.uri = Uri::from(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
         parts.version = Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         // The Expect handshake is answered by the edge when the body is first read.
@@ -169,19 +166,85 @@ impl Proxy {
         if let Some(limit) = body_limit.filter(|l| first_len as u64 > *l) {
             return Err(ProxyError::BodyTooLarge(limit));
         }
-        let (sent_tx, sent_rx) = oneshot::channel();
-        let upstream_req =
-            Request::from_parts(parts, RequestBody::new(body, first, body_limit, sent_tx));
+        let has_body = first.is_some() || !body.is_end_stream();
+        // Once written, only a bodyless idempotent request may go again (never an upload:
+        // ClearML's are not idempotent and its SDK retries on its own).
+        let replay = (!has_body && !upgrade && is_idempotent(&parts.method)).then(|| Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        });
+        let (sent_tx, mut sent_rx) = oneshot::channel();
+        let mut request = Request::from_parts(
+            parts,
+            RequestBody::new(Some(body), first, body_limit, sent_tx),
+        );
+        self.budget.deposit();
 
-        // Phase: send. The response-header timer starts once the body is fully sent, so a
-        // long upload is never cut by it.
-        let node = in_flight.backend().authority.as_str();
-        let response = {
-            let exchange = self.client.request(upstream_req);
+        // Phases: select, connect, send. The node is chosen and connected before the request
+        // is handed over, so a failed connect moves on to another node with nothing lost.
+        let pool = snapshot.pool(route_id);
+        let mut failed: Vec<Arc<Backend>> = Vec::new();
+        let mut last_error: Option<ProxyError> = None;
+        let mut attempts = 0;
+        // Whether the budget has paid for the failure just recorded in `failed`.
+        let mut retry_paid = true;
+        let (response, in_flight, sender) = loop {
+            attempts += 1;
+            let give_up = |last_error: Option<ProxyError>| {
+                last_error.unwrap_or_else(|| {
+                    if snapshot.synced {
+                        ProxyError::NoBackend {
+                            route: route.name.clone(),
+                        }
+                    } else {
+                        ProxyError::NotReady
+                    }
+                })
+            };
+            if attempts > MAX_ATTEMPTS {
+                return Err(give_up(last_error));
+            }
+            let Some(choice) = balance::choose(pool, self.algorithm, &failed, now_ms()) else {
+                return Err(give_up(last_error));
+            };
+            // A retry after a failure spends budget only once there is a node to retry on.
+            if !failed.is_empty() && !retry_paid {
+                if !self.budget.try_withdraw() {
+                    return Err(give_up(last_error));
+                }
+                retry_paid = true;
+            }
+            if choice.fail_open {
+                tracing::debug!(route = %route.name, node = %choice.backend.authority, "no healthy node: trying one anyway (fail open)");
+            }
+            let backend = choice.backend.clone();
+            let in_flight = backend.start_request();
+            let node = backend.authority.as_str();
+            let mut sender = match backend.pool.take_idle() {
+                Some(sender) => sender,
+                None => match backend.pool.connect(&backend.target).await {
+                    Ok(sender) => sender,
+                    Err(e) => {
+                        let ejected = backend.record_failure();
+                        tracing::warn!(%node, error = %e, ejected_secs = ejected.as_secs(), "connect failed; node ejected");
+                        last_error = Some(ProxyError::ConnectFailed {
+                            node: node.to_string(),
+                            reason: e.to_string(),
+                        });
+                        failed.push(backend);
+                        retry_paid = false;
+                        continue;
+                    }
+                },
+            };
+            // The response-header timer starts once the body is fully sent, so a long upload
+            // is never cut by it.
+            let exchange = sender.try_send_request(request);
             tokio::pin!(exchange);
             let result = tokio::select! {
                 result = &mut exchange => result,
-                _ = sent_rx => {
+                _ = &mut sent_rx => {
                     match tokio::time::timeout(self.response_header_timeout, &mut exchange).await {
                         Ok(result) => result,
                         Err(_) => return Err(ProxyError::UpstreamTimeout {
@@ -191,10 +254,45 @@ impl Proxy {
                     }
                 }
             };
-            result.map_err(|e| classify_upstream_error(e, node))?
+            match result {
+                Ok(response) => {
+                    backend.record_success();
+                    break (response, in_flight, sender);
+                }
+                Err(mut e) => {
+                    if let Some(unsent) = e.take_message() {
+                        // Never written (a pooled connection the node had closed): the same
+                        // request goes again, as it is.
+                        request = unsent;
+                        continue;
+                    }
+                    let error = e.into_error();
+                    if let Some(client_fault) = client_body_error(&error) {
+                        return Err(client_fault);
+                    }
+                    let ejected = backend.record_failure();
+                    tracing::warn!(%node, error = %error, ejected_secs = ejected.as_secs(), "node failed before answering; node ejected");
+                    last_error = Some(ProxyError::UpstreamFailed {
+                        node: node.to_string(),
+                        source: error,
+                    });
+                    failed.push(backend);
+                    retry_paid = false;
+                    match &replay {
+                        Some(replay) => {
+                            let (tx, rx) = oneshot::channel();
+                            sent_rx = rx;
+                            request = replay.request(RequestBody::new(None, None, None, tx));
+                        }
+                        None => return Err(give_up(last_error)),
+                    }
+                }
+            }
         };
+        drop(snapshot);
 
         // Phase: answer.
+        let node = in_flight.backend().authority.as_str();
         let (mut parts, upstream_body) = response.into_parts();
         // The client's hop speaks HTTP/1.1 (or h2) whatever version the node answered in.
         parts.version = Version::HTTP_11;
@@ -213,11 +311,36 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(
             parts,
-            ResponseBody::Upstream {
-                body: upstream_body,
-                _in_flight: in_flight,
-            },
+            ResponseBody::upstream(upstream_body, in_flight, sender),
         ))
+    }
+}
+
+/// Attempts per request, counting connects and sends that never left the edge.
+const MAX_ATTEMPTS: usize = 4;
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// The head of a bodyless idempotent request, kept to send it again to another node.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: hyper::HeaderMap,
+}
+
+impl Replay {
+    fn request(&self, body: RequestBody) -> Request<RequestBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
     }
 }
 
@@ -236,43 +359,19 @@ fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
     }
 }
 
-/// The node's URI: its authority with the client's path and query, byte for byte.
-fn upstream_uri(client_uri: &Uri, in_flight: &InFlightGuard) -> Result<Uri, ProxyError> {
-    let mut parts = hyper::http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(in_flight.backend().authority.clone());
-    parts.path_and_query = Some(
-        client_uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).map_err(|_| ProxyError::MissingHost)
-}
-
-/// Sorts a failed exchange: the client's body at fault, a connect failure, or the node.
-fn classify_upstream_error(e: hyper_util::client::legacy::Error, node: &str) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+/// The client's fault hidden in a failed exchange: its body broke or went over the limit.
+fn client_body_error(error: &hyper::Error) -> Option<ProxyError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(err) = source {
         if let Some(body_err) = err.downcast_ref::<ClientBodyError>() {
-            return match body_err {
+            return Some(match body_err {
                 ClientBodyError::TooLarge(limit) => ProxyError::BodyTooLarge(*limit),
                 ClientBodyError::Read(_) => ProxyError::ClientGone,
-            };
+            });
         }
         source = err.source();
     }
-    if e.is_connect() {
-        ProxyError::ConnectFailed {
-            node: node.to_string(),
-            source: e,
-        }
-    } else {
-        ProxyError::UpstreamFailed {
-            node: node.to_string(),
-            source: e,
-        }
-    }
+    None
 }
 
 /// Copies bytes both ways between an upgraded client and node until either side closes.

@@ -45,6 +45,8 @@ pub struct Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    /// Open connection tasks, so `kill` can drop them like a crashed node would.
+    live: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub arrived: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
@@ -71,6 +73,8 @@ impl Upstream {
         let connections = Arc::new(AtomicUsize::new(0));
         let handler = Arc::new(handler);
         let counter = connections.clone();
+        let live: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let live_conns = live.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -78,7 +82,7 @@ impl Upstream {
                 };
                 counter.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
-                tokio::spawn(async move {
+                let conn = tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let handler = handler.clone();
                         async move { Ok::<_, Infallible>(handler(req).await) }
@@ -88,11 +92,13 @@ impl Upstream {
                         .with_upgrades()
                         .await;
                 });
+                live_conns.lock().unwrap().push(conn.abort_handle());
             }
         });
         Some(Upstream {
             addr,
             connections,
+            live,
             seen: Arc::new(Mutex::new(Vec::new())),
             arrived: Arc::new(Notify::new()),
             task,
@@ -153,11 +159,19 @@ impl Upstream {
     pub fn stop(&self) {
         self.task.abort();
     }
+
+    /// Crashes the node: stops accepting and drops every open connection mid-flight.
+    pub fn kill(&self) {
+        self.task.abort();
+        for conn in self.live.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -194,11 +208,15 @@ pub async fn proxy(config: &str) -> RunningServer {
     clearml_edge::start(settings).await.expect("proxy starts")
 }
 
+/// Health checks far apart, so probes never mix with what a test counts; the health tests
+/// set their own.
+pub const HEALTH: &str = "[health]\ninterval = \"1h\"\n";
+
 /// A config with one local listener, the given routes and nodes, and `extra` appended.
 pub fn config(routes: &str, nodes: &[&str], extra: &str) -> String {
     let nodes: Vec<String> = nodes.iter().map(|n| format!("{n:?}")).collect();
     format!(
-        "domain = \"example.com\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[discovery.static]\nnodes = [{}]\n{routes}{extra}",
+        "domain = \"example.com\"\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[discovery.static]\nnodes = [{}]\n{HEALTH}{routes}{extra}",
         nodes.join(", ")
     )
 }
@@ -292,4 +310,38 @@ pub async fn stalled_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 pub async fn closed_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     listener.local_addr().expect("addr").port()
+}
+
+/// A node that reads each request head (and up to `body_bytes` of body), counts it, then
+/// drops the connection without answering: a reset before any response byte.
+pub async fn resetting_upstream(
+    addr: &str,
+    body_bytes: usize,
+) -> Option<(SocketAddr, Arc<AtomicUsize>)> {
+    let listener = TcpListener::bind(addr).await.ok()?;
+    let addr = listener.local_addr().ok()?;
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counter = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        if seen.len() >= end + 4 + body_bytes {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            return; // drop: the connection closes unanswered
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Some((addr, heads))
 }
