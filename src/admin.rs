@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz` (the process serves) and `/readyz` (discovery has synced and
-//! every route has a node). Kept off the proxy listeners so probes and operators reach it on
+//! The admin listener: `/healthz` (the process serves), `/readyz` (discovery has synced and
+//! every route has a node) and `/backends` (each route's nodes as the balancer sees them). Kept off the proxy listeners so probes and operators reach it on
 //! its own, private address.
 
 use std::convert::Infallible;
@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::discovery::DiscoveryStatus;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{now_ms, Snapshot};
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -74,7 +74,58 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut shutdown: watch
     }
 }
 
+/// Each route's nodes as JSON: address, health verdict, in-flight requests, passive
+/// ejection (milliseconds left), idle pooled connections.
+pub fn backends_json(state: &AdminState) -> serde_json::Value {
+    let snapshot = state.snapshots.load();
+    let now = now_ms();
+    let routes: Vec<serde_json::Value> = snapshot
+        .table
+        .routes()
+        .iter()
+        .zip(&snapshot.pools)
+        .map(|(route, pool)| {
+            let nodes: Vec<serde_json::Value> = pool
+                .backends
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "node": &*b.node,
+                        "address": b.authority.as_str(),
+                        "healthy": b.is_healthy(),
+                        "usable": b.is_usable(now),
+                        "in_flight": b.in_flight(),
+                        "ejected_for_ms": b.ejected_until(now).map(|until| until - now),
+                        "idle_connections": b.pool.idle_count(),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "route": route.name,
+                "hosts": route.hosts,
+                "port": route.port,
+                "nodes": nodes,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "snapshot_version": snapshot.version,
+        "synced": snapshot.synced,
+        "discovery_stale": state.discovery.is_stale(),
+        "routes": routes,
+    })
+}
+
 fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/backends" {
+        let mut response = Response::new(Full::new(Bytes::from(
+            backends_json(state).to_string() + "\n",
+        )));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return response;
+    }
     let (status, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
         "/readyz" => match readiness(state) {
@@ -83,7 +134,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         },
         _ => (
             StatusCode::NOT_FOUND,
-            "not found: try /healthz or /readyz\n".to_string(),
+            "not found: try /healthz, /readyz or /backends\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -149,7 +149,7 @@ async fn a_stalled_node_is_taken_out_by_the_health_check() {
     let proxy = proxy(&config_for(
         port,
         &["127.0.0.1", "127.0.0.2"],
-        "[health]\ninterval = \"50ms\"\ntimeout = \"100ms\"\nfall = 2\n[timeouts]\nupstream_response_header = \"500ms\"\n",
+        "[admin]\naddress = \"127.0.0.1:0\"\n[health]\ninterval = \"50ms\"\ntimeout = \"100ms\"\nfall = 2\n[timeouts]\nupstream_response_header = \"500ms\"\n",
     ))
     .await;
     wait_until("the stalled node marked unhealthy", || {
@@ -157,6 +157,24 @@ async fn a_stalled_node_is_taken_out_by_the_health_check() {
     })
     .await;
     assert!(backend_healthy(&proxy, "127.0.0.1"));
+    // The admin view says the same.
+    let (status, _, body) = send(
+        &client(),
+        proxy.admin_addr().expect("admin"),
+        Method::GET,
+        "localhost",
+        "/backends",
+        full(""),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let view: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let nodes = &view["routes"][0]["nodes"];
+    assert_eq!(view["routes"][0]["route"], "api");
+    assert_eq!(nodes[0]["node"], "127.0.0.1");
+    assert_eq!(nodes[0]["healthy"], true);
+    assert_eq!(nodes[1]["node"], "127.0.0.2");
+    assert_eq!(nodes[1]["healthy"], false);
     for _ in 0..50 {
         let (status, _, body) = get(addr(&proxy), "api.example.com", "/").await;
         assert_eq!(status, StatusCode::OK);
