@@ -22,6 +22,11 @@
 //! - Anything else: 404 with a JSON `Status` (and recorded in `unknown_requests()`).
 //!
 //! Test controls are on [`FakeKube`]; nothing in here sleeps to synchronise.
+//!
+//! kube-rs notes (kube 5): `watcher` sends the watch request only when its stream is polled
+//! after `InitDone`, so drive the stream from its own task before awaiting
+//! `wait_for_watchers`. The client needs a rustls CryptoProvider even for `http://` (it builds
+//! the TLS connector unconditionally); rustls's `ring` feature in Cargo.toml provides it.
 
 #![allow(dead_code)]
 
