@@ -101,6 +101,12 @@ impl Backend {
     /// A connect failure or reset: eject for a backoff that doubles with each consecutive
     /// failure (1 s up to 30 s). Returns the ejection length.
     pub fn record_failure(&self) -> Duration {
+        let now = now_ms();
+        if let Some(until) = self.ejected_until(now) {
+            // Requests that were already on the node fail together when it dies; they are
+            // one failure, not a reason to lengthen the ejection.
+            return Duration::from_millis(until - now);
+        }
         let failures = self
             .failures
             .fetch_add(1, Ordering::Relaxed)
@@ -108,7 +114,7 @@ impl Backend {
         let factor = 1u32 << failures.saturating_sub(1).min(5);
         let ejection = (BASE_EJECTION * factor).min(MAX_EJECTION);
         self.ejected_until
-            .store(now_ms() + ejection.as_millis() as u64, Ordering::Relaxed);
+            .store(now + ejection.as_millis() as u64, Ordering::Relaxed);
         self.pool.clear();
         ejection
     }
@@ -333,11 +339,17 @@ mod tests {
         let b = &snap.pool(0).backends[0];
         assert!(b.is_usable(now_ms()));
         assert_eq!(b.record_failure(), Duration::from_secs(1));
-        assert_eq!(b.record_failure(), Duration::from_secs(2));
         assert!(!b.is_usable(now_ms()));
+        // Failures of requests already on the node while it is ejected do not escalate.
+        assert!(b.record_failure() <= Duration::from_secs(1));
+        let expire = |b: &Backend| b.ejected_until.store(0, Ordering::Relaxed);
+        expire(b);
+        assert_eq!(b.record_failure(), Duration::from_secs(2));
         for _ in 0..10 {
+            expire(b);
             b.record_failure();
         }
+        expire(b);
         assert_eq!(b.record_failure(), MAX_EJECTION);
         b.record_success();
         assert!(b.is_usable(now_ms()));
