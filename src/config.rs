@@ -36,6 +36,8 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     /// The admin listener (`/healthz`, `/readyz`). Absent: no admin listener.
     pub admin: Option<AdminConfig>,
+    /// Certificates for TLS listeners.
+    pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Active health checks (timing; the check itself is per route).
@@ -53,6 +55,70 @@ pub struct Config {
 pub struct ListenerConfig {
     /// `ip:port` to bind, e.g. `0.0.0.0:8080` or `[::]:8080`.
     pub address: String,
+    /// Serve HTTPS with the `[tls]` certificates. Default false.
+    #[serde(default)]
+    pub tls: bool,
+    /// On a plain listener: `serve` (default) or `redirect` every request to HTTPS with 308,
+    /// which keeps method, path and query (an upload POST stays a POST).
+    #[serde(default)]
+    pub plain_http: PlainHttp,
+    /// Port in the redirect's `Location`. Default 443 (the public HTTPS port, e.g. of the
+    /// Kubernetes Service in front of a TLS listener on 8443).
+    pub https_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlainHttp {
+    #[default]
+    Serve,
+    Redirect,
+}
+
+/// What a listener does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    Plain,
+    Tls,
+    /// Plain HTTP answered with 308 to `https://host[:port]`.
+    RedirectToHttps {
+        https_port: u16,
+    },
+}
+
+/// A validated listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub mode: ListenerMode,
+}
+
+/// `[tls]`: certificates for the TLS listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chains and keys (PEM). SNI picks by the names in each certificate (exact
+    /// before wildcard); the first is the default for clients without SNI.
+    pub certificates: Vec<CertificateFiles>,
+    /// How often the files are checked for changes (a renewed Secret). Default 10s.
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// `Strict-Transport-Security` value added to HTTPS responses, e.g.
+    /// "max-age=31536000; includeSubDomains". Default: none.
+    pub hsts: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM certificate chain: the server certificate first, then intermediates.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key: PathBuf,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// One `[routes.<name>]` table as written; missing fields take the route's defaults.
@@ -331,6 +397,9 @@ fn default_domain() -> String {
 fn default_listeners() -> Vec<ListenerConfig> {
     vec![ListenerConfig {
         address: "0.0.0.0:8080".to_string(),
+        tls: false,
+        plain_http: PlainHttp::Serve,
+        https_port: None,
     }]
 }
 
@@ -363,7 +432,7 @@ impl std::error::Error for ConfigError {}
 pub struct Settings {
     pub source: PathBuf,
     pub config: Config,
-    pub listeners: Vec<SocketAddr>,
+    pub listeners: Vec<Listener>,
     pub routes: Vec<Route>,
     pub nodes: NodeSource,
     pub admin: Option<SocketAddr>,
@@ -419,7 +488,7 @@ impl Config {
                 "add one, e.g. [[listeners]] address = \"0.0.0.0:8080\"",
             ));
         }
-        let mut listeners = Vec::with_capacity(self.listeners.len());
+        let mut listeners: Vec<Listener> = Vec::with_capacity(self.listeners.len());
         for (i, listener) in self.listeners.iter().enumerate() {
             let key = format!("listeners[{i}].address");
             let addr: SocketAddr = listener.address.parse().map_err(|_| {
@@ -429,14 +498,37 @@ impl Config {
                     "write it as \"0.0.0.0:8080\" or \"[::]:8080\"",
                 )
             })?;
-            if addr.port() != 0 && listeners.contains(&addr) {
+            if addr.port() != 0 && listeners.iter().any(|l| l.addr == addr) {
                 return Err(err(
                     &key,
                     format!("{addr} is listed twice"),
                     "remove the duplicate listener",
                 ));
             }
-            listeners.push(addr);
+            let mode = match (listener.tls, listener.plain_http) {
+                (true, PlainHttp::Redirect) => {
+                    return Err(err(
+                        &format!("listeners[{i}].plain_http"),
+                        "a TLS listener cannot redirect to HTTPS".into(),
+                        "set plain_http = \"redirect\" on a plain listener only",
+                    ))
+                }
+                (true, PlainHttp::Serve) => {
+                    if self.tls.as_ref().is_none_or(|t| t.certificates.is_empty()) {
+                        return Err(err(
+                            &format!("listeners[{i}].tls"),
+                            "a TLS listener needs certificates, and [tls] lists none".into(),
+                            "add [[tls.certificates]] cert = \"tls.crt\" key = \"tls.key\"",
+                        ));
+                    }
+                    ListenerMode::Tls
+                }
+                (false, PlainHttp::Serve) => ListenerMode::Plain,
+                (false, PlainHttp::Redirect) => ListenerMode::RedirectToHttps {
+                    https_port: listener.https_port.unwrap_or(443),
+                },
+            };
+            listeners.push(Listener { addr, mode });
         }
 
         let routes = self.effective_routes(&domain, path)?;
@@ -498,7 +590,7 @@ impl Config {
                         "write it as \"127.0.0.1:9901\"",
                     )
                 })?;
-                if addr.port() != 0 && listeners.contains(&addr) {
+                if addr.port() != 0 && listeners.iter().any(|l| l.addr == addr) {
                     return Err(err(
                         "admin.address",
                         format!("{addr} is also a proxy listener"),
@@ -575,6 +667,10 @@ impl Config {
                 "0 would refuse every client".into(),
                 "set a positive number (default 10000)",
             ));
+        }
+
+        if let Some(tls) = &self.tls {
+            check_certificates(tls, &routes, path)?;
         }
 
         Ok(Settings {
@@ -716,6 +812,53 @@ impl Config {
     }
 }
 
+/// Loads the certificates once to report problems at `check` and at start, and checks that
+/// every route host is covered.
+fn check_certificates(tls: &TlsConfig, routes: &[Route], path: &Path) -> Result<(), ConfigError> {
+    if tls.certificates.is_empty() {
+        return Err(ConfigError {
+            file: path.to_path_buf(),
+            key: "tls.certificates".into(),
+            problem: "no certificate is listed".into(),
+            fix: "add [[tls.certificates]] cert = \"tls.crt\" key = \"tls.key\", or remove [tls]"
+                .into(),
+        });
+    }
+    let store = crate::tls::CertStore::load(&tls.certificates).map_err(|e| {
+        let index = tls
+            .certificates
+            .iter()
+            .position(|c| c.cert == e.file || c.key == e.file)
+            .unwrap_or(0);
+        let field = if tls.certificates.get(index).is_some_and(|c| c.key == e.file) {
+            "key"
+        } else {
+            "cert"
+        };
+        ConfigError {
+            file: path.to_path_buf(),
+            key: format!("tls.certificates[{index}].{field}"),
+            problem: format!("{}: {}", e.file.display(), e.problem),
+            fix: e.fix,
+        }
+    })?;
+    for route in routes {
+        for host in &route.hosts {
+            if !store.certs.iter().any(|c| c.covers(host)) {
+                return Err(ConfigError {
+                    file: path.to_path_buf(),
+                    key: "tls.certificates".into(),
+                    problem: format!("no certificate covers {host} (route {})", route.name),
+                    fix: format!(
+                        "add a certificate for {host} or a wildcard for its domain, or remove the host from the route"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn validate_kubernetes(
     k: &KubernetesDiscovery,
     path: &Path,
@@ -840,7 +983,13 @@ mod tests {
                 ("api", "api.localhost", 30008)
             ]
         );
-        assert_eq!(s.listeners, vec!["0.0.0.0:8080".parse().unwrap()]);
+        assert_eq!(
+            s.listeners,
+            vec![Listener {
+                addr: "0.0.0.0:8080".parse().unwrap(),
+                mode: ListenerMode::Plain
+            }]
+        );
     }
 
     #[test]

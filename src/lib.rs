@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;
 
 pub use config::{Config, ConfigError, Settings};

@@ -11,21 +11,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::header::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::AdminState;
-use crate::config::Settings;
+use crate::config::{ListenerMode, Settings};
 use crate::discovery::DiscoveryStatus;
 use crate::framing::WatchedStream;
 use crate::proxy::{ClientConn, Proxy};
 use crate::routing::RouteTable;
 use crate::snapshot::Publisher;
+use crate::tls::Tls;
 use crate::upstream::PoolSettings;
 
 /// A running proxy: its bound addresses, its publisher, and the way to stop it.
@@ -36,6 +39,7 @@ pub struct RunningServer {
     discovery: Arc<DiscoveryStatus>,
     discovery_task: Option<JoinHandle<()>>,
     health_task: JoinHandle<()>,
+    tls_watch: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -66,6 +70,9 @@ impl RunningServer {
             discovery.abort();
         }
         self.health_task.abort();
+        if let Some(tls_watch) = &self.tls_watch {
+            tls_watch.abort();
+        }
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
     }
@@ -94,16 +101,50 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         settings.config.health.clone(),
     ));
 
+    let tls = match &settings.config.tls {
+        Some(tls_config)
+            if settings
+                .listeners
+                .iter()
+                .any(|l| l.mode == ListenerMode::Tls) =>
+        {
+            let tls = Arc::new(
+                Tls::new(&tls_config.certificates).map_err(|e| io::Error::other(e.to_string()))?,
+            );
+            Some((tls, tls_config.reload_interval))
+        }
+        _ => None,
+    };
+    let tls_watch = tls
+        .as_ref()
+        .map(|(tls, interval)| tokio::spawn(tls.clone().watch(*interval)));
+    let hsts = settings
+        .config
+        .tls
+        .as_ref()
+        .and_then(|t| t.hsts.as_deref())
+        .and_then(|v| HeaderValue::from_str(v).ok());
+
     let mut listeners = Vec::with_capacity(settings.listeners.len());
-    for addr in &settings.listeners {
+    for spec in &settings.listeners {
+        let addr = spec.addr;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        listeners.push(listener);
+        let context = Arc::new(ListenerContext {
+            mode: spec.mode,
+            acceptor: match (&tls, spec.mode) {
+                (Some((tls, _)), ListenerMode::Tls) => Some(TlsAcceptor::from(tls.config.clone())),
+                _ => None,
+            },
+            handshake_timeout: settings.config.timeouts.client_header,
+            hsts: hsts.clone(),
+        });
+        listeners.push((listener, context));
     }
     let local_addrs = listeners
         .iter()
-        .map(TcpListener::local_addr)
+        .map(|(l, _)| l.local_addr())
         .collect::<io::Result<Vec<_>>>()?;
 
     let (admin_listener, admin_addr) = match settings.admin {
@@ -131,9 +172,10 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         let graceful = Arc::new(GracefulShutdown::new());
         let accept_loops: Vec<_> = listeners
             .into_iter()
-            .map(|listener| {
+            .map(|(listener, context)| {
                 tokio::spawn(accept_loop(
                     listener,
+                    context,
                     proxy.clone(),
                     builder.clone(),
                     limit.clone(),
@@ -155,6 +197,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         discovery,
         discovery_task,
         health_task,
+        tls_watch,
         shutdown,
         task,
     })
@@ -182,8 +225,28 @@ fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// How a listener treats its connections.
+struct ListenerContext {
+    mode: ListenerMode,
+    acceptor: Option<TlsAcceptor>,
+    handshake_timeout: Duration,
+    hsts: Option<HeaderValue>,
+}
+
+impl ListenerContext {
+    fn setup(&self, peer: SocketAddr, sni: Option<Box<str>>) -> ConnSetup {
+        ConnSetup {
+            peer,
+            mode: self.mode,
+            sni,
+            hsts: self.hsts.clone(),
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
+    context: Arc<ListenerContext>,
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     limit: Arc<Semaphore>,
@@ -216,22 +279,74 @@ async fn accept_loop(
         let proxy = proxy.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let context = context.clone();
         tokio::spawn(async move {
-            serve_connection(stream, peer, proxy, &builder, watcher).await;
+            match &context.acceptor {
+                None => {
+                    let client = context.setup(peer, None);
+                    serve_connection(stream, client, proxy, &builder, watcher).await;
+                }
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(context.handshake_timeout, handshake).await {
+                        Ok(Ok(tls_stream)) => {
+                            let sni = tls_stream.get_ref().1.server_name().map(Box::from);
+                            let client = context.setup(peer, sni);
+                            serve_connection(tls_stream, client, proxy, &builder, watcher).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Everything about a client connection except the framing report, which exists only once
+/// the stream is wrapped.
+struct ConnSetup {
     peer: SocketAddr,
+    mode: ListenerMode,
+    sni: Option<Box<str>>,
+    hsts: Option<HeaderValue>,
+}
+
+async fn serve_connection<S>(
+    stream: S,
+    client: ConnSetup,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (stream, framing) = WatchedStream::new(stream);
-    let client = Arc::new(ClientConn::new(peer, "http", framing));
+    let peer = client.peer;
+    let client = Arc::new(ClientConn {
+        peer,
+        peer_ip: ClientConn::render_ip(peer),
+        proto: if client.mode == ListenerMode::Tls {
+            "https"
+        } else {
+            "http"
+        },
+        sni: client.sni,
+        redirect_https_port: match client.mode {
+            ListenerMode::RedirectToHttps { https_port } => Some(https_port),
+            _ => None,
+        },
+        hsts: if client.mode == ListenerMode::Tls {
+            client.hsts
+        } else {
+            None
+        },
+        framing,
+        requests: Default::default(),
+    });
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let client = client.clone();

@@ -17,6 +17,8 @@ pub enum ProxyError {
     DuplicateHost,
     #[error("no route for this host")]
     UnknownHost,
+    #[error("host does not match the TLS server name of the connection")]
+    Misdirected,
     #[error("request has both Content-Length and Transfer-Encoding")]
     AmbiguousLength,
     #[error("malformed request body: {0}")]
@@ -51,6 +53,7 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             UnknownHost => StatusCode::NOT_FOUND,
+            Misdirected => StatusCode::MISDIRECTED_REQUEST,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             NoBackend { .. } | NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ConnectFailed { .. } | UpstreamFailed { .. } | UnexpectedUpgrade { .. } => {
@@ -74,6 +77,7 @@ impl ProxyError {
             BadBody(_) => "400 Bad Request: malformed request body\n",
             ClientGone => "400 Bad Request: request body ended early\n",
             UnknownHost => "404 Not Found: no route for this host\n",
+            Misdirected => "421 Misdirected Request: host does not match the TLS server name\n",
             BodyTooLarge(_) => "413 Payload Too Large: request body exceeds this route's limit\n",
             NoBackend { .. } => "503 Service Unavailable: no node available for this route\n",
             NotReady => "503 Service Unavailable: waiting for the first node list\n",

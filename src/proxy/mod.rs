@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use crate::balance::{self, RetryBudget};
 use crate::config::{Algorithm, Config};
 use crate::framing::FramingReport;
+use crate::routing::normalize_host;
 use crate::snapshot::{now_ms, Backend, InFlightGuard, Snapshot};
 use body::{ClientBodyError, RequestBody, ResponseBody};
 pub use error::ProxyError;
@@ -38,23 +39,22 @@ pub struct ClientConn {
     pub peer_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub proto: &'static str,
+    /// The TLS server name the client asked for; a request for another host gets 421.
+    pub sni: Option<Box<str>>,
+    /// On a redirecting plain listener, the HTTPS port to send clients to.
+    pub redirect_https_port: Option<u16>,
+    /// `Strict-Transport-Security` for responses on this (TLS) connection.
+    pub hsts: Option<HeaderValue>,
     /// What the raw-stream watcher saw of the request heads (HTTP/1.1).
-    framing: Arc<FramingReport>,
+    pub framing: Arc<FramingReport>,
     /// Requests dispatched so far on this connection, to match heads to requests.
-    requests: AtomicU64,
+    pub requests: AtomicU64,
 }
 
 impl ClientConn {
-    pub fn new(peer: SocketAddr, proto: &'static str, framing: Arc<FramingReport>) -> Self {
-        let peer_ip = HeaderValue::try_from(peer.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        ClientConn {
-            peer,
-            peer_ip,
-            proto,
-            framing,
-            requests: AtomicU64::new(0),
-        }
+    pub fn render_ip(peer: SocketAddr) -> HeaderValue {
+        HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
     }
 }
 
@@ -85,7 +85,7 @@ impl Proxy {
         let started = Instant::now();
         let method = req.method().clone();
         let target = req.uri().clone();
-        match self.proxy(req, conn).await {
+        let mut response = match self.proxy(req, conn).await {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
@@ -96,7 +96,13 @@ impl Proxy {
                 }
                 e.into_response()
             }
+        };
+        if let Some(hsts) = &conn.hsts {
+            response
+                .headers_mut()
+                .insert(hyper::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
+        response
     }
 
     async fn proxy(
@@ -113,6 +119,15 @@ impl Proxy {
             .and_then(|h| snapshot.table.lookup(h))
             .ok_or(ProxyError::UnknownHost)?;
         let route = snapshot.table.route(route_id);
+        if let Some(sni) = &conn.sni {
+            let requested = host.to_str().map(normalize_host).unwrap_or_default();
+            if !requested.eq_ignore_ascii_case(sni) {
+                return Err(ProxyError::Misdirected);
+            }
+        }
+        if let Some(port) = conn.redirect_https_port {
+            return Ok(redirect_to_https(&host, port, req.uri()));
+        }
 
         // Phase: check framing and limits before anything is sent upstream. hyper has refused
         // conflicting lengths and non-chunked codings; a head with both length fields is
@@ -314,6 +329,26 @@ impl Proxy {
             ResponseBody::upstream(upstream_body, in_flight, sender),
         ))
     }
+}
+
+/// 308 to the same host, path and query over HTTPS: 308 keeps the method and body, so an
+/// upload POST is not turned into a GET as 301/302 would allow.
+fn redirect_to_https(host: &HeaderValue, port: u16, uri: &Uri) -> Response<ResponseBody> {
+    let name = host.to_str().map(normalize_host).unwrap_or_default();
+    let path = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let location = if port == 443 {
+        format!("https://{name}{path}")
+    } else {
+        format!("https://{name}:{port}{path}")
+    };
+    let mut response = Response::new(ResponseBody::text("308 Permanent Redirect: use HTTPS\n"));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response
+            .headers_mut()
+            .insert(hyper::header::LOCATION, location);
+    }
+    response
 }
 
 /// Attempts per request, counting connects and sends that never left the edge.
