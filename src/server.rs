@@ -40,6 +40,7 @@ pub struct RunningServer {
     discovery_task: Option<JoinHandle<()>>,
     health_task: JoinHandle<()>,
     tls_watch: Option<JoinHandle<()>>,
+    tls: Option<Arc<Tls>>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -57,6 +58,11 @@ impl RunningServer {
 
     pub fn publisher(&self) -> &Arc<Publisher> {
         &self.publisher
+    }
+
+    /// The TLS certificates in force, when a TLS listener is configured.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.tls.as_ref()
     }
 
     pub fn discovery(&self) -> &Arc<DiscoveryStatus> {
@@ -198,6 +204,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         discovery_task,
         health_task,
         tls_watch,
+        tls: tls.map(|(tls, _)| tls),
         shutdown,
         task,
     })

@@ -205,6 +205,8 @@ pub struct Tls {
     pub store: Arc<ArcSwap<CertStore>>,
     pub config: Arc<ServerConfig>,
     files: Vec<CertificateFiles>,
+    /// File checks done so far (changed or not, accepted or refused).
+    checks: std::sync::atomic::AtomicU64,
 }
 
 impl Tls {
@@ -231,12 +233,25 @@ impl Tls {
             store,
             config: Arc::new(config),
             files: files.to_vec(),
+            checks: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// Re-reads the files; swaps in a new store when they changed and are valid. A broken
     /// file is logged and the old certificates keep serving.
     pub fn reload(&self) -> Result<bool, TlsError> {
+        let result = self.reload_inner();
+        self.checks
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        result
+    }
+
+    /// How many times the files have been checked.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn reload_inner(&self) -> Result<bool, TlsError> {
         let mut sources = Vec::with_capacity(self.files.len());
         for f in &self.files {
             sources.push((
