@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (the process serves), `/readyz` (discovery has synced and
-//! every route has a node) and `/backends` (each route's nodes as the balancer sees them). Kept off the proxy listeners so probes and operators reach it on
+//! every route has a node), `/metrics` (Prometheus) and `/backends` (each route's nodes as
+//! the balancer sees them). Kept off the proxy listeners so probes and operators reach it on
 //! its own, private address.
 
 use std::convert::Infallible;
@@ -18,13 +19,46 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::discovery::DiscoveryStatus;
+use crate::metrics::{CertLabel, Metrics, RouteLabel};
 use crate::snapshot::{now_ms, Snapshot};
+use crate::tls::Tls;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
     pub snapshots: Arc<ArcSwap<Snapshot>>,
     pub discovery: Arc<DiscoveryStatus>,
+    pub metrics: Arc<Metrics>,
+    pub tls: Option<Arc<Tls>>,
+}
+
+/// Sets the gauges that describe state rather than count events, then renders everything.
+pub fn metrics_text(state: &AdminState) -> String {
+    let m = &state.metrics;
+    let snapshot = state.snapshots.load();
+    let now = now_ms();
+    for (route, pool) in snapshot.table.routes().iter().zip(&snapshot.pools) {
+        let label = RouteLabel {
+            route: route.name.clone(),
+        };
+        let usable = pool.backends.iter().filter(|b| b.is_usable(now)).count();
+        m.healthy_nodes.get_or_create(&label).set(usable as i64);
+        m.nodes
+            .get_or_create(&label)
+            .set(pool.backends.len() as i64);
+    }
+    m.discovery_stale.set(i64::from(state.discovery.is_stale()));
+    m.discovery_publishes
+        .set(state.discovery.publishes() as i64);
+    if let Some(tls) = &state.tls {
+        for cert in &tls.store.load().certs {
+            let label = CertLabel {
+                cert: cert.files.cert.display().to_string(),
+            };
+            m.cert_expiry.get_or_create(&label).set(cert.not_after);
+        }
+    }
+    m.render()
 }
 
 /// Readiness and the reasons when not ready.
@@ -117,6 +151,14 @@ pub fn backends_json(state: &AdminState) -> serde_json::Value {
 }
 
 fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/metrics" {
+        let mut response = Response::new(Full::new(Bytes::from(metrics_text(state))));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        return response;
+    }
     if req.uri().path() == "/backends" {
         let mut response = Response::new(Full::new(Bytes::from(
             backends_json(state).to_string() + "\n",
@@ -134,7 +176,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         },
         _ => (
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /backends\n".to_string(),
+            "not found: try /healthz, /readyz, /metrics or /backends\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -126,6 +126,7 @@ mod tests {
                 health: Default::default(),
             }]),
             PoolSettings::default(),
+            Arc::new(crate::metrics::Metrics::new()),
         );
         p.publish_nodes(&nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>());
         p

@@ -38,6 +38,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Certificates for TLS listeners.
     pub tls: Option<TlsConfig>,
+    /// One line per request, like nginx's access log.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
     #[serde(default)]
     pub timeouts: Timeouts,
     /// Active health checks (timing; the check itself is per route).
@@ -91,6 +94,34 @@ pub enum ListenerMode {
 pub struct Listener {
     pub addr: SocketAddr,
     pub mode: ListenerMode,
+}
+
+/// `[access_log]`: one line per request (client, host, method, path, status, bytes,
+/// duration, route, upstream node, retries), logged through tracing with target `access`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// `text` (default) or `json`.
+    pub format: AccessLogFormat,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: true,
+            format: AccessLogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[tls]`: certificates for the TLS listeners.

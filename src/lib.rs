@@ -16,6 +16,7 @@ pub mod config;
 pub mod discovery;
 pub mod framing;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -25,6 +25,7 @@ use crate::admin::AdminState;
 use crate::config::{ListenerMode, Settings};
 use crate::discovery::DiscoveryStatus;
 use crate::framing::WatchedStream;
+use crate::metrics::{Metrics, ResultLabel};
 use crate::proxy::{ClientConn, Proxy};
 use crate::routing::RouteTable;
 use crate::snapshot::Publisher;
@@ -92,16 +93,22 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         idle_timeout: config.timeouts.idle_keepalive,
         connect_timeout: config.timeouts.connect,
     };
+    let metrics = Arc::new(Metrics::new());
     let publisher = Arc::new(Publisher::new(
         RouteTable::new(settings.routes.clone()),
         pool_settings,
+        metrics.clone(),
     ));
     let discovery = Arc::new(DiscoveryStatus::default());
     let discovery_task =
         crate::discovery::start(&settings.nodes, publisher.clone(), discovery.clone())
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
-    let proxy = Arc::new(Proxy::new(publisher.snapshots(), &settings.config));
+    let proxy = Arc::new(Proxy::new(
+        publisher.snapshots(),
+        &settings.config,
+        metrics.clone(),
+    ));
     let health_task = tokio::spawn(crate::health::run(
         publisher.clone(),
         settings.config.health.clone(),
@@ -145,6 +152,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
             },
             handshake_timeout: settings.config.timeouts.client_header,
             hsts: hsts.clone(),
+            metrics: metrics.clone(),
         });
         listeners.push((listener, context));
     }
@@ -170,6 +178,8 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         let state = AdminState {
             snapshots: publisher.snapshots(),
             discovery: discovery.clone(),
+            metrics: metrics.clone(),
+            tls: tls.as_ref().map(|(tls, _)| tls.clone()),
         };
         tokio::spawn(crate::admin::serve(listener, state, shutdown_rx.clone()));
     }
@@ -238,6 +248,19 @@ struct ListenerContext {
     acceptor: Option<TlsAcceptor>,
     handshake_timeout: Duration,
     hsts: Option<HeaderValue>,
+    metrics: Arc<Metrics>,
+}
+
+fn ok_label() -> ResultLabel {
+    ResultLabel {
+        result: "ok".into(),
+    }
+}
+
+fn failed_label() -> ResultLabel {
+    ResultLabel {
+        result: "failed".into(),
+    }
 }
 
 impl ListenerContext {
@@ -288,6 +311,7 @@ async fn accept_loop(
         let watcher = graceful.watcher();
         let context = context.clone();
         tokio::spawn(async move {
+            context.metrics.open_connections.inc();
             match &context.acceptor {
                 None => {
                     let client = context.setup(peer, None);
@@ -297,17 +321,35 @@ async fn accept_loop(
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(context.handshake_timeout, handshake).await {
                         Ok(Ok(tls_stream)) => {
+                            context
+                                .metrics
+                                .tls_handshakes
+                                .get_or_create(&ok_label())
+                                .inc();
                             let sni = tls_stream.get_ref().1.server_name().map(Box::from);
                             let client = context.setup(peer, sni);
                             serve_connection(tls_stream, client, proxy, &builder, watcher).await;
                         }
                         Ok(Err(e)) => {
+                            context
+                                .metrics
+                                .tls_handshakes
+                                .get_or_create(&failed_label())
+                                .inc();
                             tracing::debug!(client = %peer, error = %e, "TLS handshake failed")
                         }
-                        Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+                        Err(_) => {
+                            context
+                                .metrics
+                                .tls_handshakes
+                                .get_or_create(&failed_label())
+                                .inc();
+                            tracing::debug!(client = %peer, "TLS handshake timed out")
+                        }
                     }
                 }
             }
+            context.metrics.open_connections.dec();
             drop(permit);
         });
     }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use hyper::http::uri::Authority;
 
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::routing::{RouteId, RouteTable};
 use crate::upstream::{ConnectTarget, IdlePool, PoolSettings};
 
@@ -154,6 +155,8 @@ impl Drop for InFlightGuard {
 #[derive(Debug, Default)]
 pub struct RoutePool {
     pub backends: Vec<Arc<Backend>>,
+    /// The route's request-path metrics.
+    pub metrics: Arc<RouteMetrics>,
     /// Round-robin position.
     pub(crate) next: AtomicUsize,
 }
@@ -179,6 +182,7 @@ impl Snapshot {
 pub struct Publisher {
     current: Arc<ArcSwap<Snapshot>>,
     pool_settings: PoolSettings,
+    metrics: Arc<Metrics>,
     state: Mutex<PublisherState>,
     versions: AtomicU64,
     /// Tells watchers (admin, tests) that a new snapshot is out; the request path never
@@ -195,7 +199,7 @@ struct PublisherState {
 }
 
 impl Publisher {
-    pub fn new(table: RouteTable, pool_settings: PoolSettings) -> Self {
+    pub fn new(table: RouteTable, pool_settings: PoolSettings, metrics: Arc<Metrics>) -> Self {
         let table = Arc::new(table);
         let empty = Snapshot {
             version: 0,
@@ -210,6 +214,7 @@ impl Publisher {
         Publisher {
             current: Arc::new(ArcSwap::from_pointee(empty)),
             pool_settings,
+            metrics,
             state: Mutex::new(PublisherState {
                 table,
                 synced: false,
@@ -268,6 +273,7 @@ impl Publisher {
             .routes()
             .iter()
             .map(|route| RoutePool {
+                metrics: self.metrics.route(&route.name),
                 backends: nodes
                     .iter()
                     .filter_map(|node| {
@@ -310,6 +316,7 @@ mod tests {
                 health: Default::default(),
             }]),
             PoolSettings::default(),
+            Arc::new(Metrics::new()),
         )
     }
 

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 
+use crate::metrics::RequestRecord;
 use crate::snapshot::InFlightGuard;
 use crate::upstream::Sender;
 
@@ -32,6 +33,8 @@ pub struct RequestBody {
     first: Option<Frame<Bytes>>,
     limit: Option<u64>,
     seen: u64,
+    /// The route's request-bytes counter.
+    bytes_in: Option<prometheus_client::metrics::counter::Counter>,
     /// Fires when the body is complete (or abandoned), starting the response-header timer.
     sent: Option<oneshot::Sender<()>>,
 }
@@ -52,8 +55,18 @@ impl RequestBody {
             first,
             limit,
             seen,
+            bytes_in: None,
             sent: Some(sent),
         }
+    }
+
+    /// Counts forwarded body bytes into the route's counter.
+    pub fn count_into(mut self, counter: prometheus_client::metrics::counter::Counter) -> Self {
+        if self.seen > 0 {
+            counter.inc_by(self.seen);
+        }
+        self.bytes_in = Some(counter);
+        self
     }
 
     fn finish(&mut self) {
@@ -95,6 +108,9 @@ impl Body for RequestBody {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
+                    if let Some(counter) = &this.bytes_in {
+                        counter.inc_by(data.len() as u64);
+                    }
                     if let Some(limit) = this.limit.filter(|l| this.seen > *l) {
                         this.finish();
                         return Poll::Ready(Some(Err(ClientBodyError::TooLarge(limit).into())));
@@ -128,8 +144,14 @@ impl Drop for RequestBody {
     }
 }
 
-/// What the proxy answers with: a node's streamed body, or a short body of its own.
-pub enum ResponseBody {
+/// What the proxy answers with: a node's streamed body, or a short body of its own, plus
+/// the request's record, completed (metrics, access log) when the body is dropped.
+pub struct ResponseBody {
+    kind: Kind,
+    record: Option<RequestRecord>,
+}
+
+enum Kind {
     /// Streams from the node; the guard counts the request as in flight until the last byte,
     /// and the connection goes back to the node's idle pool after it.
     Upstream {
@@ -142,22 +164,44 @@ pub enum ResponseBody {
 
 impl ResponseBody {
     pub fn upstream(body: Incoming, in_flight: InFlightGuard, connection: Sender) -> Self {
-        let mut body = ResponseBody::Upstream {
-            body,
-            in_flight,
-            connection: Some(connection),
+        let mut body = ResponseBody {
+            kind: Kind::Upstream {
+                body,
+                in_flight,
+                connection: Some(connection),
+            },
+            record: None,
         };
         // A response with no body (204, 304, HEAD) is done already.
         body.release_if_done();
         body
     }
 
+    pub fn text(text: &'static str) -> Self {
+        ResponseBody {
+            kind: Kind::Synthetic(Some(Bytes::from_static(text.as_bytes()))),
+            record: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody {
+            kind: Kind::Synthetic(None),
+            record: None,
+        }
+    }
+
+    /// Attaches the request's record, to be completed when this body is dropped.
+    pub fn set_record(&mut self, record: RequestRecord) {
+        self.record = Some(record);
+    }
+
     fn release_if_done(&mut self) {
-        if let ResponseBody::Upstream {
+        if let Kind::Upstream {
             body,
             in_flight,
             connection,
-        } = self
+        } = &mut self.kind
         {
             if body.is_end_stream() {
                 if let Some(sender) = connection.take() {
@@ -165,14 +209,6 @@ impl ResponseBody {
                 }
             }
         }
-    }
-
-    pub fn text(text: &'static str) -> Self {
-        ResponseBody::Synthetic(Some(Bytes::from_static(text.as_bytes())))
-    }
-
-    pub fn empty() -> Self {
-        ResponseBody::Synthetic(None)
     }
 }
 
@@ -185,30 +221,35 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        match this {
-            ResponseBody::Upstream { body, .. } => {
+        let polled = match &mut this.kind {
+            Kind::Upstream { body, .. } => {
                 let polled = Pin::new(body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) | Poll::Ready(Some(Ok(_))) => this.release_if_done(),
-                    _ => {}
+                if let Poll::Ready(None) | Poll::Ready(Some(Ok(_))) = &polled {
+                    this.release_if_done();
                 }
                 polled
             }
-            ResponseBody::Synthetic(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Synthetic(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(record)) = (&polled, &mut this.record) {
+            if let Some(data) = frame.data_ref() {
+                record.bytes_out += data.len() as u64;
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
-            ResponseBody::Synthetic(data) => data.is_none(),
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Synthetic(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ResponseBody::Upstream { body, .. } => body.size_hint(),
-            ResponseBody::Synthetic(data) => {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Synthetic(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }

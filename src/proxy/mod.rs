@@ -18,14 +18,15 @@ use arc_swap::ArcSwap;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, EXPECT, HOST, TRANSFER_ENCODING};
-use hyper::http::uri::PathAndQuery;
+use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use crate::balance::{self, RetryBudget};
-use crate::config::{Algorithm, Config};
+use crate::config::{AccessLogFormat, Algorithm, Config};
 use crate::framing::FramingReport;
+use crate::metrics::{AccessEntry, Metrics, RequestRecord, RouteMetrics};
 use crate::routing::normalize_host;
 use crate::snapshot::{now_ms, Backend, InFlightGuard, Snapshot};
 use body::{ClientBodyError, RequestBody, ResponseBody};
@@ -64,15 +65,31 @@ pub struct Proxy {
     response_header_timeout: Duration,
     algorithm: Algorithm,
     budget: RetryBudget,
+    metrics: Arc<Metrics>,
+    /// `Some(json)` when the access log is on.
+    access_log: Option<bool>,
+}
+
+/// What the phases learned that the request's record needs.
+#[derive(Default)]
+struct Outcome {
+    route: Option<Arc<RouteMetrics>>,
+    node: Option<Authority>,
+    retries: u32,
 }
 
 impl Proxy {
-    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, config: &Config) -> Self {
+    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, config: &Config, metrics: Arc<Metrics>) -> Self {
         Proxy {
             snapshots,
             response_header_timeout: config.timeouts.upstream_response_header,
             algorithm: config.balancing.algorithm,
             budget: RetryBudget::new(config.balancing.retry_budget_percent),
+            metrics,
+            access_log: config
+                .access_log
+                .enabled
+                .then_some(config.access_log.format == AccessLogFormat::Json),
         }
     }
 
@@ -85,7 +102,20 @@ impl Proxy {
         let started = Instant::now();
         let method = req.method().clone();
         let target = req.uri().clone();
-        let mut response = match self.proxy(req, conn).await {
+        let host = self.access_log.map(|_| {
+            req.uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get(HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| "-".into())
+        });
+        let mut outcome = Outcome::default();
+        let mut response = match self.proxy(req, conn, &mut outcome).await {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
@@ -102,6 +132,27 @@ impl Proxy {
                 .headers_mut()
                 .insert(hyper::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
+        let access = self.access_log.map(|json| {
+            Box::new(AccessEntry {
+                json,
+                client: conn.peer,
+                host: host.unwrap_or_default(),
+                method: method.to_string(),
+                path: target
+                    .path_and_query()
+                    .map_or_else(|| target.to_string(), |p| p.as_str().to_string()),
+                node: outcome.node.as_ref().map(|n| n.as_str().to_string()),
+                retries: outcome.retries,
+            })
+        });
+        let status = response.status().as_u16();
+        response.body_mut().set_record(RequestRecord {
+            started,
+            route: outcome.route,
+            status,
+            bytes_out: 0,
+            access,
+        });
         response
     }
 
@@ -109,6 +160,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         conn: &ClientConn,
+        outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // Phase: route.
         let snapshot = self.snapshots.load_full();
@@ -119,6 +171,8 @@ impl Proxy {
             .and_then(|h| snapshot.table.lookup(h))
             .ok_or(ProxyError::UnknownHost)?;
         let route = snapshot.table.route(route_id);
+        let pool = snapshot.pool(route_id);
+        outcome.route = Some(pool.metrics.clone());
         if let Some(sni) = &conn.sni {
             let requested = host.to_str().map(normalize_host).unwrap_or_default();
             if !requested.eq_ignore_ascii_case(sni) {
@@ -192,13 +246,13 @@ impl Proxy {
         let (sent_tx, mut sent_rx) = oneshot::channel();
         let mut request = Request::from_parts(
             parts,
-            RequestBody::new(Some(body), first, body_limit, sent_tx),
+            RequestBody::new(Some(body), first, body_limit, sent_tx)
+                .count_into(pool.metrics.bytes_in.clone()),
         );
         self.budget.deposit();
 
         // Phases: select, connect, send. The node is chosen and connected before the request
         // is handed over, so a failed connect moves on to another node with nothing lost.
-        let pool = snapshot.pool(route_id);
         let mut failed: Vec<Arc<Backend>> = Vec::new();
         let mut last_error: Option<ProxyError> = None;
         let mut attempts = 0;
@@ -229,6 +283,16 @@ impl Proxy {
                     return Err(give_up(last_error));
                 }
                 retry_paid = true;
+                outcome.retries += 1;
+                if let Some(previous) = failed.last() {
+                    self.metrics
+                        .retries
+                        .get_or_create(&Metrics::node_labels(
+                            &route.name,
+                            previous.authority.as_str(),
+                        ))
+                        .inc();
+                }
             }
             if choice.fail_open {
                 tracing::debug!(route = %route.name, node = %choice.backend.authority, "no healthy node: trying one anyway (fail open)");
@@ -242,6 +306,7 @@ impl Proxy {
                     Ok(sender) => sender,
                     Err(e) => {
                         let ejected = backend.record_failure();
+                        self.count_failure(&route.name, node);
                         tracing::warn!(%node, error = %e, ejected_secs = ejected.as_secs(), "connect failed; node ejected");
                         last_error = Some(ProxyError::ConnectFailed {
                             node: node.to_string(),
@@ -272,6 +337,7 @@ impl Proxy {
             match result {
                 Ok(response) => {
                     backend.record_success();
+                    outcome.node = Some(backend.authority.clone());
                     break (response, in_flight, sender);
                 }
                 Err(mut e) => {
@@ -286,6 +352,7 @@ impl Proxy {
                         return Err(client_fault);
                     }
                     let ejected = backend.record_failure();
+                    self.count_failure(&route.name, node);
                     tracing::warn!(%node, error = %error, ejected_secs = ejected.as_secs(), "node failed before answering; node ejected");
                     last_error = Some(ProxyError::UpstreamFailed {
                         node: node.to_string(),
@@ -328,6 +395,17 @@ impl Proxy {
             parts,
             ResponseBody::upstream(upstream_body, in_flight, sender),
         ))
+    }
+}
+
+impl Proxy {
+    /// A connect failure or reset, counted per route and node (a rare path: the labelled
+    /// family's lock is fine here).
+    fn count_failure(&self, route: &str, node: &str) {
+        self.metrics
+            .connect_errors
+            .get_or_create(&Metrics::node_labels(route, node))
+            .inc();
     }
 }
 
