@@ -125,6 +125,7 @@ mod tests {
                 max_body_bytes: None,
                 health: Default::default(),
             }]),
+            crate::snapshot::tests::test_settings(),
             PoolSettings::default(),
             Arc::new(crate::metrics::Metrics::new()),
         );

@@ -1,6 +1,6 @@
 //! The `clearml-edge` command: `run` the proxy or `check` a configuration file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy until SIGTERM or SIGINT, then drain in-flight requests and exit 0.
+    /// SIGHUP re-reads the configuration file and applies it without dropping connections
+    /// (an invalid file is refused and the running configuration stays).
     Run {
         /// Configuration file (TOML).
         #[arg(long, short, default_value = "config/edge.toml")]
@@ -68,12 +70,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(run(settings))
+            runtime.block_on(run(config, settings))
         }
     }
 }
 
-async fn run(settings: Settings) -> ExitCode {
+async fn run(config_path: PathBuf, settings: Settings) -> ExitCode {
     let table = route_table(&settings);
     let server = match clearml_edge::start(settings).await {
         Ok(s) => s,
@@ -83,40 +85,55 @@ async fn run(settings: Settings) -> ExitCode {
         }
     };
     for addr in server.local_addrs() {
-        tracing::info!(%addr, "listening (HTTP/1.1 and h2c)");
+        tracing::info!(%addr, "listening");
     }
     if let Some(addr) = server.admin_addr() {
-        tracing::info!(%addr, "admin listening (/healthz, /readyz)");
+        tracing::info!(%addr, "admin listening (/healthz, /readyz, /metrics, /backends)");
     }
     for line in table.lines() {
         tracing::info!("route {line}");
     }
-    wait_for_signal().await;
+    serve_until_stopped(&server, &config_path).await;
     tracing::info!("shutdown requested: no new connections");
     server.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
+/// Waits for SIGTERM or SIGINT; on SIGHUP re-reads the configuration and applies it, or
+/// keeps the old one if the file does not validate.
+async fn serve_until_stopped(server: &clearml_edge::RunningServer, config_path: &Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stopping on Ctrl-C only");
         let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hangup.recv() => match Config::load(config_path) {
+                Ok(settings) => {
+                    let table = route_table(&settings);
+                    let needs_restart = server.reload(settings);
+                    tracing::info!(file = %config_path.display(), "configuration reloaded");
+                    for line in table.lines() {
+                        tracing::info!("route {line}");
+                    }
+                    if !needs_restart.is_empty() {
+                        tracing::warn!(settings = ?needs_restart, "these changes take effect at the next restart");
+                    }
+                }
+                Err(e) => {
+                    server.reload_refused();
+                    tracing::error!("configuration reload refused; the running configuration stays:\n{e}");
+                }
+            },
+        }
     }
 }
 
@@ -162,8 +179,10 @@ fn route_table(settings: &Settings) -> String {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal, not for log collectors.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

@@ -22,13 +22,13 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::AdminState;
-use crate::config::{ListenerMode, Settings};
+use crate::config::{ListenerMode, NodeSource, Settings};
 use crate::discovery::DiscoveryStatus;
 use crate::framing::WatchedStream;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::proxy::{ClientConn, Proxy};
 use crate::routing::RouteTable;
-use crate::snapshot::Publisher;
+use crate::snapshot::{ProxySettings, Publisher};
 use crate::tls::Tls;
 use crate::upstream::PoolSettings;
 
@@ -44,6 +44,9 @@ pub struct RunningServer {
     tls: Option<Arc<Tls>>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    metrics: Arc<Metrics>,
+    /// The configuration in force, to tell what a reload can apply.
+    settings: std::sync::Mutex<Settings>,
 }
 
 impl RunningServer {
@@ -68,6 +71,53 @@ impl RunningServer {
 
     pub fn discovery(&self) -> &Arc<DiscoveryStatus> {
         &self.discovery
+    }
+
+    /// Applies a new, already validated configuration without dropping a connection: routes,
+    /// timeouts, balancing and access-log settings swap in one snapshot; a static node list
+    /// is republished. Returns the changed settings that need a restart to take effect.
+    pub fn reload(&self, new: Settings) -> Vec<&'static str> {
+        let mut current = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut needs_restart = Vec::new();
+        if current.listeners != new.listeners {
+            needs_restart.push("listeners");
+        }
+        if current.admin != new.admin {
+            needs_restart.push("admin");
+        }
+        if current.config.tls.as_ref().map(|t| &t.certificates)
+            != new.config.tls.as_ref().map(|t| &t.certificates)
+        {
+            needs_restart.push("tls.certificates");
+        }
+        match (&current.nodes, &new.nodes) {
+            (NodeSource::Static(_), NodeSource::Static(nodes)) => {
+                self.publisher.publish_nodes(nodes)
+            }
+            (old, new) if old != new => needs_restart.push("discovery"),
+            _ => {}
+        }
+        if format!("{:?}", current.config.health) != format!("{:?}", new.config.health) {
+            needs_restart.push("health");
+        }
+        if format!("{:?}", current.config.limits) != format!("{:?}", new.config.limits) {
+            needs_restart.push("limits");
+        }
+        self.publisher.publish_config(
+            RouteTable::new(new.routes.clone()),
+            ProxySettings::from_config(&new.config),
+        );
+        self.metrics.config_reloads.get_or_create(&ok_label()).inc();
+        *current = new;
+        needs_restart
+    }
+
+    /// Counts a reload that was refused (the file did not validate).
+    pub fn reload_refused(&self) {
+        self.metrics
+            .config_reloads
+            .get_or_create(&failed_label())
+            .inc();
     }
 
     /// Stops accepting, lets in-flight requests finish within the drain timeout, and returns
@@ -96,6 +146,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
     let publisher = Arc::new(Publisher::new(
         RouteTable::new(settings.routes.clone()),
+        ProxySettings::from_config(&settings.config),
         pool_settings,
         metrics.clone(),
     ));
@@ -215,6 +266,8 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         health_task,
         tls_watch,
         tls: tls.map(|(tls, _)| tls),
+        metrics,
+        settings: std::sync::Mutex::new(settings),
         shutdown,
         task,
     })

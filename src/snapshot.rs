@@ -161,10 +161,33 @@ pub struct RoutePool {
     pub(crate) next: AtomicUsize,
 }
 
+/// Request-path settings that a configuration reload may change.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub response_header_timeout: Duration,
+    pub algorithm: crate::config::Algorithm,
+    /// `Some(json)` when the access log is on.
+    pub access_log: Option<bool>,
+}
+
+impl ProxySettings {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        ProxySettings {
+            response_header_timeout: config.timeouts.upstream_response_header,
+            algorithm: config.balancing.algorithm,
+            access_log: config
+                .access_log
+                .enabled
+                .then_some(config.access_log.format == crate::config::AccessLogFormat::Json),
+        }
+    }
+}
+
 /// Everything the request path needs, immutable once published.
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
+    pub settings: Arc<ProxySettings>,
     /// False until discovery has published its first node list.
     pub synced: bool,
     pub table: Arc<RouteTable>,
@@ -192,6 +215,7 @@ pub struct Publisher {
 
 struct PublisherState {
     table: Arc<RouteTable>,
+    settings: Arc<ProxySettings>,
     synced: bool,
     nodes: Vec<Arc<str>>,
     /// Backends that any live snapshot or request still holds, by (node, port).
@@ -199,10 +223,17 @@ struct PublisherState {
 }
 
 impl Publisher {
-    pub fn new(table: RouteTable, pool_settings: PoolSettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        table: RouteTable,
+        settings: ProxySettings,
+        pool_settings: PoolSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let settings = Arc::new(settings);
         let table = Arc::new(table);
         let empty = Snapshot {
             version: 0,
+            settings: settings.clone(),
             synced: false,
             pools: table
                 .routes()
@@ -217,6 +248,7 @@ impl Publisher {
             metrics,
             state: Mutex::new(PublisherState {
                 table,
+                settings,
                 synced: false,
                 nodes: Vec::new(),
                 registry: HashMap::new(),
@@ -248,10 +280,12 @@ impl Publisher {
         self.rebuild(&mut state);
     }
 
-    /// Publishes a new route table with the current nodes.
-    pub fn publish_table(&self, table: RouteTable) {
+    /// Publishes a new route table and request-path settings with the current nodes, in one
+    /// swap (a configuration reload).
+    pub fn publish_config(&self, table: RouteTable, settings: ProxySettings) {
         let mut state = self.lock();
         state.table = Arc::new(table);
+        state.settings = Arc::new(settings);
         self.rebuild(&mut state);
     }
 
@@ -264,6 +298,7 @@ impl Publisher {
     fn rebuild(&self, state: &mut PublisherState) {
         let PublisherState {
             table,
+            settings,
             synced,
             nodes,
             registry,
@@ -293,6 +328,7 @@ impl Publisher {
         let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
         self.current.store(Arc::new(Snapshot {
             version,
+            settings: settings.clone(),
             synced: *synced,
             table: table.clone(),
             pools,
@@ -302,7 +338,7 @@ impl Publisher {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Route;
 
@@ -315,9 +351,18 @@ mod tests {
                 max_body_bytes: None,
                 health: Default::default(),
             }]),
+            test_settings(),
             PoolSettings::default(),
             Arc::new(Metrics::new()),
         )
+    }
+
+    pub(crate) fn test_settings() -> ProxySettings {
+        ProxySettings {
+            response_header_timeout: Duration::from_secs(300),
+            algorithm: crate::config::Algorithm::P2c,
+            access_log: None,
+        }
     }
 
     #[test]

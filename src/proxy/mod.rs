@@ -12,7 +12,7 @@ pub mod headers;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http_body_util::BodyExt;
@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use crate::balance::{self, RetryBudget};
-use crate::config::{AccessLogFormat, Algorithm, Config};
+use crate::config::Config;
 use crate::framing::FramingReport;
 use crate::metrics::{AccessEntry, Metrics, RequestRecord, RouteMetrics};
 use crate::routing::normalize_host;
@@ -62,12 +62,8 @@ impl ClientConn {
 /// The proxy service shared by every connection.
 pub struct Proxy {
     snapshots: Arc<ArcSwap<Snapshot>>,
-    response_header_timeout: Duration,
-    algorithm: Algorithm,
     budget: RetryBudget,
     metrics: Arc<Metrics>,
-    /// `Some(json)` when the access log is on.
-    access_log: Option<bool>,
 }
 
 /// What the phases learned that the request's record needs.
@@ -82,14 +78,8 @@ impl Proxy {
     pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, config: &Config, metrics: Arc<Metrics>) -> Self {
         Proxy {
             snapshots,
-            response_header_timeout: config.timeouts.upstream_response_header,
-            algorithm: config.balancing.algorithm,
             budget: RetryBudget::new(config.balancing.retry_budget_percent),
             metrics,
-            access_log: config
-                .access_log
-                .enabled
-                .then_some(config.access_log.format == AccessLogFormat::Json),
         }
     }
 
@@ -100,9 +90,12 @@ impl Proxy {
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
+        // The one snapshot load of this request: routes, backends and settings together.
+        let snapshot = self.snapshots.load_full();
+        let access_log = snapshot.settings.access_log;
         let method = req.method().clone();
         let target = req.uri().clone();
-        let host = self.access_log.map(|_| {
+        let host = access_log.map(|_| {
             req.uri()
                 .authority()
                 .map(|a| a.as_str().to_string())
@@ -115,7 +108,7 @@ impl Proxy {
                 .unwrap_or_else(|| "-".into())
         });
         let mut outcome = Outcome::default();
-        let mut response = match self.proxy(req, conn, &mut outcome).await {
+        let mut response = match self.proxy(req, conn, snapshot, &mut outcome).await {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
@@ -132,7 +125,7 @@ impl Proxy {
                 .headers_mut()
                 .insert(hyper::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
-        let access = self.access_log.map(|json| {
+        let access = access_log.map(|json| {
             Box::new(AccessEntry {
                 json,
                 client: conn.peer,
@@ -160,10 +153,11 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         conn: &ClientConn,
+        snapshot: Arc<Snapshot>,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // Phase: route.
-        let snapshot = self.snapshots.load_full();
+        let settings = snapshot.settings.clone();
         let host = request_host(&req)?;
         let route_id = host
             .to_str()
@@ -274,7 +268,7 @@ impl Proxy {
             if attempts > MAX_ATTEMPTS {
                 return Err(give_up(last_error));
             }
-            let Some(choice) = balance::choose(pool, self.algorithm, &failed, now_ms()) else {
+            let Some(choice) = balance::choose(pool, settings.algorithm, &failed, now_ms()) else {
                 return Err(give_up(last_error));
             };
             // A retry after a failure spends budget only once there is a node to retry on.
@@ -325,11 +319,11 @@ impl Proxy {
             let result = tokio::select! {
                 result = &mut exchange => result,
                 _ = &mut sent_rx => {
-                    match tokio::time::timeout(self.response_header_timeout, &mut exchange).await {
+                    match tokio::time::timeout(settings.response_header_timeout, &mut exchange).await {
                         Ok(result) => result,
                         Err(_) => return Err(ProxyError::UpstreamTimeout {
                             node: node.to_string(),
-                            secs: self.response_header_timeout.as_secs(),
+                            secs: settings.response_header_timeout.as_secs(),
                         }),
                     }
                 }
