@@ -16,6 +16,7 @@ RUN apt-get update \
 COPY --from=build /src/target/release/clearml-edge /usr/local/bin/clearml-edge
 COPY config/edge.toml /etc/clearml-edge/edge.toml
 USER 65532:65532
-EXPOSE 8080
+# 8080 plain HTTP, 8443 HTTPS (with deploy/tls), 9901 admin (/healthz, /readyz, /metrics).
+EXPOSE 8080 8443 9901
 ENTRYPOINT ["clearml-edge"]
 CMD ["run", "--config", "/etc/clearml-edge/edge.toml"]
