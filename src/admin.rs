@@ -30,6 +30,8 @@ pub struct AdminState {
     pub discovery: Arc<DiscoveryStatus>,
     pub metrics: Arc<Metrics>,
     pub tls: Option<Arc<Tls>>,
+    /// Where the nodes come from: `static` or `kubernetes`.
+    pub source: &'static str,
 }
 
 /// Sets the gauges that describe state rather than count events, then renders everything.
@@ -131,6 +133,7 @@ pub fn backends_json(state: &AdminState) -> serde_json::Value {
                         "in_flight": b.in_flight(),
                         "ejected_for_ms": b.ejected_until(now).map(|until| until - now),
                         "idle_connections": b.pool.idle_count(),
+                        "source": state.source,
                     })
                 })
                 .collect();

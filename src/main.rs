@@ -171,7 +171,9 @@ fn route_table(settings: &Settings) -> String {
         ));
     }
     if let Some(admin) = settings.admin {
-        out.push_str(&format!("admin: http://{admin}/healthz, /readyz, /metrics, /backends\n"));
+        out.push_str(&format!(
+            "admin: http://{admin}/healthz, /readyz, /metrics, /backends\n"
+        ));
     }
     out
 }

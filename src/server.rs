@@ -231,6 +231,10 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
             discovery: discovery.clone(),
             metrics: metrics.clone(),
             tls: tls.as_ref().map(|(tls, _)| tls.clone()),
+            source: match settings.nodes {
+                NodeSource::Static(_) => "static",
+                NodeSource::Kubernetes(_) => "kubernetes",
+            },
         };
         tokio::spawn(crate::admin::serve(listener, state, shutdown_rx.clone()));
     }
@@ -456,7 +460,14 @@ async fn serve_connection<S>(
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+        // hyper answers malformed and oversize request heads itself (400, 431) and ends the
+        // connection; this is that request's one log line.
+        match e.downcast_ref::<hyper::Error>() {
+            Some(h) if h.is_parse() || h.is_parse_too_large() => {
+                tracing::info!(client = %peer, error = %h, "request refused by the HTTP parser")
+            }
+            _ => tracing::debug!(client = %peer, error = %e, "connection ended with an error"),
+        }
     }
 }
 

@@ -159,6 +159,8 @@ pub struct RoutePool {
     pub metrics: Arc<RouteMetrics>,
     /// Round-robin position.
     pub(crate) next: AtomicUsize,
+    /// When (in [`now_ms`]) failing open was last logged, to log it once per interval.
+    pub(crate) fail_open_logged: AtomicU64,
 }
 
 /// Request-path settings that a configuration reload may change.
@@ -323,6 +325,7 @@ impl Publisher {
                     })
                     .collect(),
                 next: AtomicUsize::new(0),
+                fail_open_logged: AtomicU64::new(0),
             })
             .collect();
         let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;

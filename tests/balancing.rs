@@ -175,6 +175,8 @@ async fn a_stalled_node_is_taken_out_by_the_health_check() {
     assert_eq!(nodes[0]["healthy"], true);
     assert_eq!(nodes[1]["node"], "127.0.0.2");
     assert_eq!(nodes[1]["healthy"], false);
+    assert_eq!(nodes[1]["source"], "static");
+    assert_eq!(nodes[0]["in_flight"], 0);
     for _ in 0..50 {
         let (status, _, body) = get(addr(&proxy), "api.example.com", "/").await;
         assert_eq!(status, StatusCode::OK);

@@ -289,7 +289,18 @@ impl Proxy {
                 }
             }
             if choice.fail_open {
-                tracing::debug!(route = %route.name, node = %choice.backend.authority, "no healthy node: trying one anyway (fail open)");
+                let now = now_ms();
+                let last = pool
+                    .fail_open_logged
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if now.saturating_sub(last) >= FAIL_OPEN_LOG_INTERVAL_MS
+                    && pool
+                        .fail_open_logged
+                        .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(route = %route.name, "no healthy node: trying them anyway (fail open)");
+                }
             }
             let backend = choice.backend.clone();
             let in_flight = backend.start_request();
@@ -422,6 +433,9 @@ fn redirect_to_https(host: &HeaderValue, port: u16, uri: &Uri) -> Response<Respo
     }
     response
 }
+
+/// Failing open is logged at most this often per route.
+const FAIL_OPEN_LOG_INTERVAL_MS: u64 = 10_000;
 
 /// Attempts per request, counting connects and sends that never left the edge.
 const MAX_ATTEMPTS: usize = 4;
