@@ -67,17 +67,30 @@ impl IdlePool {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A ready idle connection, if one is alive (the newest first: warm and least likely to
-    /// have been closed by the node's keep-alive timeout).
+    /// An idle connection that is still open, newest first (warm, and least likely to have
+    /// been closed by the node's keep-alive timeout). It may still be finishing its last
+    /// exchange: the caller waits for `ready()`.
     pub fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.lock();
         let now = Instant::now();
         while let Some((sender, since)) = idle.pop() {
-            if sender.is_ready() && now.duration_since(since) < self.settings.idle_timeout {
+            if !sender.is_closed() && now.duration_since(since) < self.settings.idle_timeout {
                 return Some(sender);
             }
         }
         None
+    }
+
+    /// A pooled connection ready for a request, or a new one.
+    pub async fn checkout(&self, target: &ConnectTarget) -> Result<Sender, ConnectError> {
+        while let Some(mut sender) = self.take_idle() {
+            // Resolves at once for an idle connection, or as soon as the previous response
+            // has been wound up; errors when the node closed it meanwhile.
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        self.connect(target).await
     }
 
     /// Returns a connection whose exchange has finished.

@@ -305,23 +305,20 @@ impl Proxy {
             let backend = choice.backend.clone();
             let in_flight = backend.start_request();
             let node = backend.authority.as_str();
-            let mut sender = match backend.pool.take_idle() {
-                Some(sender) => sender,
-                None => match backend.pool.connect(&backend.target).await {
-                    Ok(sender) => sender,
-                    Err(e) => {
-                        let ejected = backend.record_failure();
-                        self.count_failure(&route.name, node);
-                        tracing::warn!(%node, error = %e, ejected_secs = ejected.as_secs(), "connect failed; node ejected");
-                        last_error = Some(ProxyError::ConnectFailed {
-                            node: node.to_string(),
-                            reason: e.to_string(),
-                        });
-                        failed.push(backend);
-                        retry_paid = false;
-                        continue;
-                    }
-                },
+            let mut sender = match backend.pool.checkout(&backend.target).await {
+                Ok(sender) => sender,
+                Err(e) => {
+                    let ejected = backend.record_failure();
+                    self.count_failure(&route.name, node);
+                    tracing::warn!(%node, error = %e, ejected_secs = ejected.as_secs(), "connect failed; node ejected");
+                    last_error = Some(ProxyError::ConnectFailed {
+                        node: node.to_string(),
+                        reason: e.to_string(),
+                    });
+                    failed.push(backend);
+                    retry_paid = false;
+                    continue;
+                }
             };
             // The response-header timer starts once the body is fully sent, so a long upload
             // is never cut by it.
