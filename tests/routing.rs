@@ -229,3 +229,30 @@ async fn every_route_answers_on_every_listener() {
         }
     }
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(&cluster, "").await;
+    let client = client();
+    for _ in 0..20 {
+        let (status, _, _) = send(
+            &client,
+            addr(&proxy),
+            Method::GET,
+            "api.example.com",
+            "/",
+            full(""),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(cluster.api.seen().len(), 20);
+    assert_eq!(
+        cluster
+            .api
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
