@@ -177,7 +177,11 @@ async fn an_access_log_line_carries_the_request() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let cluster = Cluster::echo().await;
-    let proxy = proxy_for(&cluster, "[access_log]\nenabled = true\nformat = \"json\"\n").await;
+    let proxy = proxy_for(
+        &cluster,
+        "[access_log]\nenabled = true\nformat = \"json\"\n",
+    )
+    .await;
     let answer = raw(
         addr(&proxy),
         b"GET /v2.30/tasks.get_all?x=1 HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
