@@ -557,7 +557,16 @@ impl Config {
                 }
                 (false, PlainHttp::Serve) => ListenerMode::Plain,
                 (false, PlainHttp::Redirect) => ListenerMode::RedirectToHttps {
-                    https_port: listener.https_port.unwrap_or(443),
+                    https_port: match listener.https_port {
+                        Some(0) => {
+                            return Err(err(
+                                &format!("listeners[{i}].https_port"),
+                                "0 is not a port clients can be sent to".into(),
+                                "give the public HTTPS port, 1-65535 (default 443)",
+                            ))
+                        }
+                        port => port.unwrap_or(443),
+                    },
                 },
             };
             listeners.push(Listener { addr, mode });
@@ -702,6 +711,16 @@ impl Config {
         }
 
         if let Some(tls) = &self.tls {
+            if let Some(hsts) = &tls.hsts {
+                if hyper::header::HeaderValue::from_str(hsts).is_err() || !hsts.contains("max-age=")
+                {
+                    return Err(err(
+                        "tls.hsts",
+                        format!("{hsts:?} is not a Strict-Transport-Security value"),
+                        "write it as \"max-age=31536000\" (optionally \"; includeSubDomains\")",
+                    ));
+                }
+            }
             check_certificates(tls, &routes, path)?;
         }
 

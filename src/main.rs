@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(settings) => {
-                print!("{}", route_table(&settings));
+                print!("{}{}", route_table(&settings), admin_line(&settings));
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -170,12 +170,14 @@ fn route_table(settings: &Settings) -> String {
             limit
         ));
     }
-    if let Some(admin) = settings.admin {
-        out.push_str(&format!(
-            "admin: http://{admin}/healthz, /readyz, /metrics, /backends\n"
-        ));
-    }
     out
+}
+
+fn admin_line(settings: &Settings) -> String {
+    settings
+        .admin
+        .map(|admin| format!("admin: http://{admin}/healthz, /readyz, /metrics, /backends\n"))
+        .unwrap_or_default()
 }
 
 fn init_logging() {

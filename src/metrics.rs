@@ -81,7 +81,7 @@ impl EncodeMetric for AtomicHistogram {
         let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
             .iter()
             .copied()
-            .chain(std::iter::once(f64::MAX))
+            .chain(std::iter::once(f64::INFINITY))
             .zip(self.counts.iter().map(|c| c.load(Ordering::Relaxed)))
             .collect();
         encoder.encode_histogram::<NoLabelSet>(
@@ -387,6 +387,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("clearml_edge_response_bytes_total{route=\"api\"} 15"));
+        assert!(
+            text.contains(
+                "clearml_edge_request_duration_seconds_bucket{le=\"+Inf\",route=\"api\"} 2"
+            ),
+            "{text}"
+        );
         assert!(text.contains("clearml_edge_request_bytes_total{route=\"api\"} 7"));
     }
 }

@@ -85,11 +85,6 @@ impl RunningServer {
         if current.admin != new.admin {
             needs_restart.push("admin");
         }
-        if current.config.tls.as_ref().map(|t| &t.certificates)
-            != new.config.tls.as_ref().map(|t| &t.certificates)
-        {
-            needs_restart.push("tls.certificates");
-        }
         match (&current.nodes, &new.nodes) {
             (NodeSource::Static(_), NodeSource::Static(nodes)) => {
                 self.publisher.publish_nodes(nodes)
@@ -97,12 +92,56 @@ impl RunningServer {
             (old, new) if old != new => needs_restart.push("discovery"),
             _ => {}
         }
-        if format!("{:?}", current.config.health) != format!("{:?}", new.config.health) {
-            needs_restart.push("health");
-        }
-        if format!("{:?}", current.config.limits) != format!("{:?}", new.config.limits) {
-            needs_restart.push("limits");
-        }
+        // Everything else is read once at start; say which of those changed.
+        let (old_t, new_t) = (&current.config.timeouts, &new.config.timeouts);
+        let fixed_at_start = [
+            ("timeouts.connect", old_t.connect != new_t.connect),
+            (
+                "timeouts.client_header",
+                old_t.client_header != new_t.client_header,
+            ),
+            (
+                "timeouts.idle_keepalive",
+                old_t.idle_keepalive != new_t.idle_keepalive,
+            ),
+            (
+                "timeouts.shutdown_drain",
+                old_t.shutdown_drain != new_t.shutdown_drain,
+            ),
+            (
+                "balancing.retry_budget_percent",
+                current.config.balancing.retry_budget_percent
+                    != new.config.balancing.retry_budget_percent,
+            ),
+            (
+                "balancing.max_idle_per_node",
+                current.config.balancing.max_idle_per_node
+                    != new.config.balancing.max_idle_per_node,
+            ),
+            (
+                "health",
+                format!("{:?}", current.config.health) != format!("{:?}", new.config.health)
+                    || current
+                        .routes
+                        .iter()
+                        .zip(&new.routes)
+                        .any(|(a, b)| a.name == b.name && a.health != b.health),
+            ),
+            (
+                "limits",
+                format!("{:?}", current.config.limits) != format!("{:?}", new.config.limits),
+            ),
+            (
+                "tls",
+                format!("{:?}", current.config.tls) != format!("{:?}", new.config.tls),
+            ),
+        ];
+        needs_restart.extend(
+            fixed_at_start
+                .iter()
+                .filter(|(_, changed)| *changed)
+                .map(|(name, _)| *name),
+        );
         self.publisher.publish_config(
             RouteTable::new(new.routes.clone()),
             ProxySettings::from_config(&new.config),

@@ -26,7 +26,8 @@ struct Nodes {
 }
 
 async fn nodes() -> Nodes {
-    loop {
+    // 127.0.0.2 and .3 are loopback on Linux; a port may be taken there, so try a few.
+    for _ in 0..20 {
         let first = Upstream::echo("127.0.0.1:0", "node-1").await;
         let port = first.port();
         let second = Upstream::try_echo_at(&format!("127.0.0.2:{port}"), "node-2").await;
@@ -38,6 +39,7 @@ async fn nodes() -> Nodes {
             };
         }
     }
+    panic!("cannot bind one port on 127.0.0.1, .2 and .3 (these tests need Linux loopback)");
 }
 
 async fn proxy_watching(kube: &FakeKube, port: u16) -> clearml_edge::RunningServer {

@@ -144,7 +144,8 @@ impl NodeView {
                 return false;
             }
         };
-        if status.is_stale() {
+        // `Init` only announces a list attempt: recovery is an answer from the API server.
+        if status.is_stale() && !matches!(event, Event::Init) {
             tracing::info!("Kubernetes watch recovered");
             status.set_stale(false);
         }
