@@ -111,24 +111,10 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Route;
-    use crate::routing::RouteTable;
     use crate::snapshot::{now_ms, Publisher};
-    use crate::upstream::PoolSettings;
 
     fn publisher(nodes: &[&str]) -> Publisher {
-        let p = Publisher::new(
-            RouteTable::new(vec![Route {
-                name: "api".into(),
-                hosts: vec!["api.x".into()],
-                port: 30008,
-                max_body_bytes: None,
-                health: Default::default(),
-            }]),
-            crate::snapshot::tests::test_settings(),
-            PoolSettings::default(),
-            Arc::new(crate::metrics::Metrics::new()),
-        );
+        let p = crate::snapshot::tests::publisher();
         p.publish_nodes(&nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>());
         p
     }

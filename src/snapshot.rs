@@ -345,7 +345,8 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::Route;
 
-    fn publisher() -> Publisher {
+    /// A publisher with one `api` route on 30008, for unit tests here and in `balance`.
+    pub(crate) fn publisher() -> Publisher {
         Publisher::new(
             RouteTable::new(vec![Route {
                 name: "api".into(),

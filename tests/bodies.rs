@@ -295,22 +295,7 @@ async fn body_limit_answers_413_before_the_node_sees_anything() {
 
 #[tokio::test]
 async fn websocket_echo_through_the_proxy() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let port = websocket_echo().await;
     let proxy = proxy(&config(
         &format!("[routes.app]\nport = {port}\n"),
         &["127.0.0.1"],

@@ -312,22 +312,7 @@ async fn plain_http_redirects_to_https_with_308() {
 async fn websocket_over_tls() {
     let pki = Pki::new();
     let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if msg.is_text() && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    let port = websocket_echo().await;
     let cluster = Cluster::echo().await;
     let text = tls_config(&cluster, &[(&crt, &key)], "").replace(
         &format!("[routes.app]\nport = {}\n", cluster.app.port()),
