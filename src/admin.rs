@@ -154,40 +154,34 @@ pub fn backends_json(state: &AdminState) -> serde_json::Value {
 }
 
 fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
-    if req.uri().path() == "/metrics" {
-        let mut response = Response::new(Full::new(Bytes::from(metrics_text(state))));
-        response.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
-        return response;
-    }
-    if req.uri().path() == "/backends" {
-        let mut response = Response::new(Full::new(Bytes::from(
-            backends_json(state).to_string() + "\n",
-        )));
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        return response;
-    }
-    let (status, body) = match req.uri().path() {
-        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let (status, content_type, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, TEXT, "ok\n".to_string()),
         "/readyz" => match readiness(state) {
-            (true, text) => (StatusCode::OK, text),
-            (false, text) => (StatusCode::SERVICE_UNAVAILABLE, text),
+            (true, text) => (StatusCode::OK, TEXT, text),
+            (false, text) => (StatusCode::SERVICE_UNAVAILABLE, TEXT, text),
         },
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics_text(state),
+        ),
+        "/backends" => (
+            StatusCode::OK,
+            "application/json",
+            backends_json(state).to_string() + "\n",
+        ),
         _ => (
             StatusCode::NOT_FOUND,
+            TEXT,
             "not found: try /healthz, /readyz, /metrics or /backends\n".to_string(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 

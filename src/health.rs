@@ -16,7 +16,6 @@ use http_body_util::Empty;
 use hyper::header::{HeaderValue, CONNECTION, HOST, USER_AGENT};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::config::{HealthCheck, HealthConfig, HealthKind};
@@ -111,13 +110,11 @@ async fn probe(
     timeout: Duration,
 ) -> Result<(), String> {
     let attempt = async {
-        let stream = match &backend.target {
-            crate::upstream::ConnectTarget::Addr(addr) => TcpStream::connect(addr).await,
-            crate::upstream::ConnectTarget::Name(name, port) => {
-                TcpStream::connect((name.as_str(), *port)).await
-            }
-        }
-        .map_err(|e| format!("connect: {e}"))?;
+        let stream = backend
+            .target
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         if check.kind == HealthKind::Tcp {
             return Ok(());
         }

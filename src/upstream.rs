@@ -156,7 +156,8 @@ impl ConnectTarget {
         }
     }
 
-    async fn connect(&self) -> std::io::Result<TcpStream> {
+    /// Opens a TCP connection (no timeout: callers bound it).
+    pub async fn connect(&self) -> std::io::Result<TcpStream> {
         match self {
             ConnectTarget::Addr(addr) => TcpStream::connect(addr).await,
             ConnectTarget::Name(host, port) => TcpStream::connect((host.as_str(), *port)).await,
