@@ -38,18 +38,23 @@ impl FramingReport {
     }
 }
 
-/// A client stream whose reads are followed by a [`Scanner`].
+/// A client stream whose reads are followed by a [`Scanner`]; bytes already read from the
+/// stream (to tell the protocol) are served first.
 pub struct WatchedStream<T> {
     inner: T,
     scanner: Scanner,
+    first: Vec<u8>,
+    first_served: usize,
 }
 
 impl<T> WatchedStream<T> {
-    pub fn new(inner: T) -> (Self, Arc<FramingReport>) {
+    pub fn new(inner: T, first: Vec<u8>) -> (Self, Arc<FramingReport>) {
         let report = Arc::new(FramingReport::new());
         let stream = WatchedStream {
             inner,
             scanner: Scanner::new(report.clone()),
+            first,
+            first_served: 0,
         };
         (stream, report)
     }
@@ -63,6 +68,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedStream<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
+        if this.first_served < this.first.len() {
+            let rest = &this.first[this.first_served..];
+            let take = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..take]);
+            this.first_served += take;
+            if this.first_served == this.first.len() {
+                // Served whole: give the memory back for the connection's idle life.
+                this.first = Vec::new();
+                this.first_served = 0;
+            }
+            this.scanner.feed(&buf.filled()[before..]);
+            return Poll::Ready(Ok(()));
+        }
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
             this.scanner.feed(&buf.filled()[before..]);

@@ -60,10 +60,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime_builder().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
@@ -72,6 +69,21 @@ fn main() -> ExitCode {
             };
             runtime.block_on(run(config, settings))
         }
+    }
+}
+
+/// One worker thread per core (tokio's default, or `TOKIO_WORKER_THREADS`). With one worker,
+/// the single-threaded scheduler does the same work without the cross-thread machinery
+/// (work-stealing queues, a separate driver thread hand-off): the shape of one nginx worker.
+fn runtime_builder() -> tokio::runtime::Builder {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()));
+    if workers == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     }
 }
 

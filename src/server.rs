@@ -1,23 +1,27 @@
 //! Listeners, the accept loop, the connection limit and graceful shutdown.
 //!
-//! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1 or cleartext
-//! HTTP/2 on the same port, upgrades allowed) and watched by one `GracefulShutdown`. On
-//! shutdown the listeners close, idle connections close, and in-flight requests get up to
-//! the drain timeout to finish (the mini-redis shape: a signal, then wait for the last
-//! connection to end).
+//! Each accepted connection is served by hyper's HTTP/1.1 (upgrades allowed) or HTTP/2
+//! server, chosen by ALPN on TLS and by the first bytes on a plain listener (HTTP/2 with
+//! prior knowledge). Each holds one permit of the connection limit. On shutdown the
+//! listeners close, idle connections close, and in-flight requests get up to the drain
+//! timeout to finish: the drain waits until every permit is back (the mini-redis shape: a
+//! signal, then wait for the last connection to end).
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::{Body, Incoming};
 use hyper::header::HeaderValue;
-use hyper::service::service_fn;
+use hyper::server::conn::{http1, http2};
+use hyper::service::{service_fn, HttpService};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -260,8 +264,9 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         None => (None, None),
     };
 
-    let builder = Arc::new(connection_builder(&settings));
-    let limit = Arc::new(Semaphore::new(settings.config.limits.max_connections));
+    let builders = Arc::new(ConnectionBuilders::new(&settings));
+    let max_connections = settings.config.limits.max_connections;
+    let limit = Arc::new(Semaphore::new(max_connections));
     let drain = settings.config.timeouts.shutdown_drain;
     let (shutdown, shutdown_rx) = watch::channel(false);
     if let Some(listener) = admin_listener {
@@ -279,7 +284,6 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
     }
 
     let task = tokio::spawn(async move {
-        let graceful = Arc::new(GracefulShutdown::new());
         let accept_loops: Vec<_> = listeners
             .into_iter()
             .map(|(listener, context)| {
@@ -287,9 +291,8 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
                     listener,
                     context,
                     proxy.clone(),
-                    builder.clone(),
+                    builders.clone(),
                     limit.clone(),
-                    graceful.clone(),
                     shutdown_rx.clone(),
                 ))
             })
@@ -297,7 +300,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         for accept in accept_loops {
             let _ = accept.await;
         }
-        drain_connections(graceful, drain).await;
+        drain_connections(&limit, max_connections, drain).await;
     });
 
     Ok(RunningServer {
@@ -316,26 +319,34 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
     })
 }
 
-fn connection_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
-    let config = &settings.config;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // hyper arms this both for the first request head and while a keep-alive connection
-        // waits for the next one, so it bounds slow heads and idle clients alike.
-        .header_read_timeout(config.timeouts.client_header)
-        .max_buf_size(config.limits.max_request_header_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(
-            u32::try_from(config.limits.max_request_header_bytes).unwrap_or(u32::MAX),
-        )
-        .keep_alive_interval(Some(config.timeouts.idle_keepalive / 2))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
+/// hyper's HTTP/1.1 and HTTP/2 server settings; a connection takes one or the other (ALPN
+/// on TLS, the first bytes on a plain listener).
+struct ConnectionBuilders {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl ConnectionBuilders {
+    fn new(settings: &Settings) -> Self {
+        let config = &settings.config;
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            // hyper arms this both for the first request head and while a keep-alive
+            // connection waits for the next one, so it bounds slow heads and idle clients.
+            .header_read_timeout(config.timeouts.client_header)
+            .max_buf_size(config.limits.max_request_header_bytes)
+            .keep_alive(true);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(
+                u32::try_from(config.limits.max_request_header_bytes).unwrap_or(u32::MAX),
+            )
+            .keep_alive_interval(Some(config.timeouts.idle_keepalive / 2))
+            .keep_alive_timeout(Duration::from_secs(20));
+        ConnectionBuilders { http1, http2 }
+    }
 }
 
 /// How a listener treats its connections.
@@ -374,9 +385,8 @@ async fn accept_loop(
     listener: TcpListener,
     context: Arc<ListenerContext>,
     proxy: Arc<Proxy>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builders: Arc<ConnectionBuilders>,
     limit: Arc<Semaphore>,
-    graceful: Arc<GracefulShutdown>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -402,53 +412,144 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let context = context.clone();
-        tokio::spawn(async move {
-            context.metrics.open_connections.inc();
-            match &context.acceptor {
-                None => {
-                    let client = context.setup(peer, None);
-                    serve_connection(stream, client, proxy, &builder, watcher).await;
-                }
-                Some(acceptor) => {
-                    let handshake = acceptor.accept(stream);
-                    match tokio::time::timeout(context.handshake_timeout, handshake).await {
-                        Ok(Ok(tls_stream)) => {
-                            context
-                                .metrics
-                                .tls_handshakes
-                                .get_or_create(&ok_label())
-                                .inc();
-                            let sni = tls_stream.get_ref().1.server_name().map(Box::from);
-                            let client = context.setup(peer, sni);
-                            serve_connection(tls_stream, client, proxy, &builder, watcher).await;
-                        }
-                        Ok(Err(e)) => {
-                            context
-                                .metrics
-                                .tls_handshakes
-                                .get_or_create(&failed_label())
-                                .inc();
-                            tracing::debug!(client = %peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => {
-                            context
-                                .metrics
-                                .tls_handshakes
-                                .get_or_create(&failed_label())
-                                .inc();
-                            tracing::debug!(client = %peer, "TLS handshake timed out")
-                        }
-                    }
-                }
-            }
-            context.metrics.open_connections.dec();
-            drop(permit);
-        });
+        let open = OpenConnection::new(context.clone(), permit);
+        let served = ServedBy {
+            proxy: proxy.clone(),
+            builders: builders.clone(),
+            shutdown: shutdown.clone(),
+        };
+        // Plain and TLS connections are separate tasks so a plain connection's task does not
+        // carry the (large) state of a TLS handshake.
+        if context.acceptor.is_some() {
+            tokio::spawn(serve_tls(stream, peer, open, served));
+        } else {
+            tokio::spawn(serve_plain(stream, peer, open, served));
+        }
     }
+}
+
+/// One accepted connection: counted open while it lives, holding one permit of the
+/// connection limit (which is also how the drain knows when the last one ended).
+struct OpenConnection {
+    context: Arc<ListenerContext>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(context: Arc<ListenerContext>, permit: OwnedSemaphorePermit) -> Self {
+        context.metrics.open_connections.inc();
+        OpenConnection {
+            context,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.context.metrics.open_connections.dec();
+    }
+}
+
+/// What every connection is served with.
+struct ServedBy {
+    proxy: Arc<Proxy>,
+    builders: Arc<ConnectionBuilders>,
+    shutdown: watch::Receiver<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// HTTP/2 with prior knowledge (RFC 9113 §3.3) opens with this preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The first read of a plain connection takes up to this much; most request heads fit, so
+/// hyper parses the first request without reading again. Freed once hyper has consumed it.
+const FIRST_READ_BYTES: usize = 4096;
+
+/// Reads a plain connection's first bytes to tell HTTP/2 prior knowledge from HTTP/1.1, in
+/// one read for any HTTP/1.1 request (hyper-util's auto builder reads the 24-byte preface
+/// length first, then hyper reads again: a system call more per connection). `None` when the
+/// client closed before sending a byte.
+async fn read_first_bytes(stream: &mut TcpStream) -> io::Result<Option<(Protocol, Vec<u8>)>> {
+    let mut first = Vec::with_capacity(FIRST_READ_BYTES);
+    loop {
+        if stream.read_buf(&mut first).await? == 0 {
+            return Ok(None);
+        }
+        let seen = first.len().min(H2_PREFACE.len());
+        if first[..seen] != H2_PREFACE[..seen] {
+            return Ok(Some((Protocol::Http1, first)));
+        }
+        if seen == H2_PREFACE.len() {
+            return Ok(Some((Protocol::Http2, first)));
+        }
+    }
+}
+
+async fn serve_plain(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    open: OpenConnection,
+    served: ServedBy,
+) {
+    let first = tokio::time::timeout(
+        open.context.handshake_timeout,
+        read_first_bytes(&mut stream),
+    );
+    let (protocol, first) = match first.await {
+        Ok(Ok(Some(first))) => first,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %peer, error = %e, "connection ended before a request");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(client = %peer, "no request within the header timeout");
+            return;
+        }
+    };
+    let client = open.context.setup(peer, None);
+    serve_connection(stream, first, protocol, client, served).await;
+    drop(open);
+}
+
+async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, served: ServedBy) {
+    let context = &open.context;
+    let Some(acceptor) = &context.acceptor else {
+        return;
+    };
+    let handshake = tokio::time::timeout(context.handshake_timeout, acceptor.accept(stream)).await;
+    let result = match handshake {
+        Ok(Ok(tls_stream)) => Ok(tls_stream),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_string()),
+    };
+    let label = if result.is_ok() {
+        ok_label()
+    } else {
+        failed_label()
+    };
+    context.metrics.tls_handshakes.get_or_create(&label).inc();
+    match result {
+        Ok(tls_stream) => {
+            let (_, session) = tls_stream.get_ref();
+            let sni = session.server_name().map(Box::from);
+            let protocol = if session.alpn_protocol() == Some(b"h2") {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            };
+            let client = context.setup(peer, sni);
+            serve_connection(tls_stream, Vec::new(), protocol, client, served).await;
+        }
+        Err(e) => tracing::debug!(client = %peer, error = %e, "TLS handshake failed"),
+    }
+    drop(open);
 }
 
 /// Everything about a client connection except the framing report, which exists only once
@@ -462,14 +563,14 @@ struct ConnSetup {
 
 async fn serve_connection<S>(
     stream: S,
+    first: Vec<u8>,
+    protocol: Protocol,
     client: ConnSetup,
-    proxy: Arc<Proxy>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    served: ServedBy,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (stream, framing) = WatchedStream::new(stream);
+    let (stream, framing) = WatchedStream::new(stream, first);
     let peer = client.peer;
     let client = Arc::new(ClientConn {
         peer,
@@ -492,34 +593,96 @@ async fn serve_connection<S>(
         framing,
         requests: Default::default(),
     });
+    let ServedBy {
+        proxy,
+        builders,
+        shutdown,
+    } = served;
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let client = client.clone();
         async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    if let Err(e) = watcher.watch(connection).await {
+    let io = TokioIo::new(stream);
+    // Boxed: hyper's connection state is a few KiB, and a task's future is copied as it is
+    // spawned and as it finishes; in a box it is written once.
+    let result = match protocol {
+        Protocol::Http1 => {
+            let connection = Box::pin(builders.http1.serve_connection(io, service).with_upgrades());
+            until_shutdown(connection, shutdown).await
+        }
+        Protocol::Http2 => {
+            let connection = Box::pin(builders.http2.serve_connection(io, service));
+            until_shutdown(connection, shutdown).await
+        }
+    };
+    if let Err(e) = result {
         // hyper answers malformed and oversize request heads itself (400, 431) and ends the
         // connection; this is that request's one log line.
-        match e.downcast_ref::<hyper::Error>() {
-            Some(h) if h.is_parse() || h.is_parse_too_large() => {
-                tracing::info!(client = %peer, error = %h, "request refused by the HTTP parser")
-            }
-            _ => tracing::debug!(client = %peer, error = %e, "connection ended with an error"),
+        if e.is_parse() || e.is_parse_too_large() {
+            tracing::info!(client = %peer, error = %e, "request refused by the HTTP parser")
+        } else {
+            tracing::debug!(client = %peer, error = %e, "connection ended with an error")
         }
     }
 }
 
-async fn drain_connections(graceful: Arc<GracefulShutdown>, drain: Duration) {
-    let graceful = match Arc::try_unwrap(graceful) {
-        Ok(g) => g,
-        Err(_) => {
-            tracing::error!("connection tracker still shared at shutdown; exiting without drain");
-            return;
+/// A served connection that can be asked to finish its in-flight requests and close.
+trait GracefulConnection: Future<Output = hyper::Result<()>> {
+    fn begin_shutdown(self: Pin<&mut Self>);
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<I, B, S> GracefulConnection for http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, B, S, E> GracefulConnection for http2::Connection<I, S, E>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn begin_shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves `connection` to its end; on shutdown, idle connections close at once and busy ones
+/// after their in-flight requests (the mini-redis shape: a signal, then run to completion).
+async fn until_shutdown<C: GracefulConnection>(
+    mut connection: Pin<Box<C>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> hyper::Result<()> {
+    if !*shutdown.borrow_and_update() {
+        tokio::select! {
+            result = connection.as_mut() => return result,
+            _ = shutdown.changed() => {}
         }
-    };
+    }
+    connection.as_mut().begin_shutdown();
+    connection.await
+}
+
+/// Waits for every connection to end (each holds a permit of the connection limit), at most
+/// the drain timeout.
+async fn drain_connections(limit: &Semaphore, max_connections: usize, drain: Duration) {
     tracing::info!(drain_secs = drain.as_secs(), "draining in-flight requests");
-    if tokio::time::timeout(drain, graceful.shutdown())
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain, limit.acquire_many(all))
         .await
         .is_err()
     {

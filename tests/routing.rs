@@ -4,6 +4,7 @@ mod support;
 
 use hyper::{Method, StatusCode};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn each_route_reaches_its_port() {
@@ -255,4 +256,108 @@ async fn upstream_connections_are_kept_alive_and_reused() {
             .load(std::sync::atomic::Ordering::SeqCst),
         1
     );
+}
+
+/// A plain connection's first bytes decide HTTP/1.1 or HTTP/2; a head that trickles in byte
+/// by byte (here starting with `P`, as the HTTP/2 preface does) is still HTTP/1.1, and its
+/// body reaches the node whole.
+#[tokio::test]
+async fn request_arriving_byte_by_byte_is_routed() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(&cluster, "").await;
+    let mut stream = tokio::net::TcpStream::connect(addr(&proxy)).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let request = b"POST /up?x=1 HTTP/1.1\r\nHost: files.example.com\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+    for byte in request {
+        stream.write_all(&[*byte]).await.unwrap();
+        stream.flush().await.unwrap();
+    }
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    let seen = cluster.files.last();
+    assert_eq!(seen.method, Method::POST);
+    assert_eq!(seen.target, "/up?x=1");
+    assert_eq!(seen.body, "hello");
+}
+
+/// An HTTP/2 prior-knowledge preface split over several writes is still recognised.
+#[tokio::test]
+async fn http2_preface_in_pieces_is_recognised() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(&cluster, "").await;
+    let stream = tokio::net::TcpStream::connect(addr(&proxy)).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(SmallWrites(stream)),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("http://api.example.com/split")
+        .body(full(""))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("h2 answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-upstream"], "api");
+    assert_eq!(cluster.api.last().target, "/split");
+}
+
+/// A client that connects and sends nothing is closed after the header timeout.
+#[tokio::test]
+async fn silent_connection_is_closed_after_the_header_timeout() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(&cluster, "[timeouts]\nclient_header = \"1s\"\n").await;
+    let mut stream = tokio::net::TcpStream::connect(addr(&proxy)).await.unwrap();
+    let mut answer = Vec::new();
+    // Returns once the proxy closes the connection; a proxy that kept it would hang here
+    // until the test harness's own timeout.
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the silent connection was kept open");
+    assert!(answer.is_empty(), "{answer:?}");
+}
+
+/// Writes at most three bytes per call, flushing each, to split what a client sends.
+struct SmallWrites(tokio::net::TcpStream);
+
+impl tokio::io::AsyncRead for SmallWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SmallWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let n = buf.len().min(3);
+        std::pin::Pin::new(&mut self.0).poll_write(cx, &buf[..n])
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }

@@ -108,7 +108,11 @@ impl Proxy {
                 .unwrap_or_else(|| "-".into())
         });
         let mut outcome = Outcome::default();
-        let mut response = match self.proxy(req, conn, snapshot, &mut outcome).await {
+        // Boxed: the exchange's state (a few KiB) then lives only while a request is in
+        // flight, instead of in the slot hyper keeps for the whole life of each connection,
+        // and it is not copied as the future is moved into place.
+        let exchange = Box::pin(self.proxy(req, conn, snapshot, &mut outcome));
+        let mut response = match exchange.await {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
