@@ -1,25 +1,43 @@
 #!/usr/bin/env bash
-# Side-by-side: nginx, HAProxy and clearml-edge in the same role (host routing to three
-# upstream ports, keep-alive to the upstreams), each with one worker pinned to core 0, the
-# load generator and the upstreams on core 1, plus a "direct" run straight to an upstream.
-# Prints a Markdown table. Bounded in time; stops only the processes it started.
+# Side-by-side: nginx, HAProxy and clearml-edge in the same role (host routing to the three
+# node ports, keep-alive to the upstreams), each with one worker pinned to core 0, the load
+# generator and the upstreams on core 1, plus "direct" runs straight to an upstream (the
+# ceiling). Prints a Markdown table. Bounded in time; stops only the processes it started.
 #
-#   bash benches/peers/run.sh            # DURATION=10 seconds per run by default
+#   bash benches/peers/run.sh
 #
-# Scenarios so far: HTTP/1.1 keep-alive with small responses (hosts mixed), a new connection
-# per request, and 1 MiB responses. Still to come (issue 7): HTTPS/HTTP/2 with h2load and
-# 10 000 idle connections.
+# Environment: DURATION seconds per measurement (10), ROUNDS per target (3; the table shows
+# the round with the median proxy CPU per request, and the rounds interleave the targets so
+# a slow patch of a shared machine hits them all), SCENARIOS (all of: keepalive newconn 1mib
+# https-newconn h2 idle), IDLE_CONNECTIONS (10000), PROXIES (nginx haproxy clearml-edge;
+# nginx must stay, the ratios are to it), EDGE_BIN (./target/release/clearml-edge, to
+# compare a build of your own).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-10}
-PROXY_PORT=18080
+ROUNDS=${ROUNDS:-3}
+SCENARIOS=${SCENARIOS:-keepalive newconn 1mib https-newconn h2 idle}
+IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
+PROXIES=${PROXIES:-nginx haproxy clearml-edge}
+EDGE_BIN=${EDGE_BIN:-./target/release/clearml-edge}
+PLAIN_PORT=18080
+TLS_PORT=18443
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need haproxy; then
-  apt-get update -qq && apt-get install -y -qq wrk nginx-light haproxy >/dev/null
+if ! need wrk || ! need nginx || ! need haproxy || ! need h2load || ! need openssl || ! need python3; then
+  apt-get update -qq
+  apt-get install -y -qq wrk nginx-light haproxy nghttp2-client openssl python3 curl >/dev/null
 fi
 cargo build --release --quiet
+# Room for the idle-connection scenario: the clients' and each proxy's descriptors.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
+[ "$FD_LIMIT" = unlimited ] && FD_LIMIT=1048576
+if [ "$FD_LIMIT" -lt $((IDLE_CONNECTIONS + 1000)) ]; then
+  echo "note: open-file limit $FD_LIMIT is too low for $IDLE_CONNECTIONS idle connections; using fewer" >&2
+  IDLE_CONNECTIONS=$((FD_LIMIT - 1000))
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -30,15 +48,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Upstreams: one nginx, one worker, on core 1, answering the three node ports.
+# One ECDSA P-256 certificate for *.example.com, shared by the three proxies.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj "/CN=example.com" -addext "subjectAltName=DNS:*.example.com,DNS:example.com" \
+  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+cat "$work/cert.pem" "$work/key.pem" > "$work/haproxy.pem"
+
+# Upstreams: one nginx, one worker, on core 1, answering the three node ports (and TLS on
+# 30443 for the direct HTTPS runs).
 head -c 1048576 /dev/zero > "$work/1m"
 cat > "$work/upstream.conf" <<EOF
 daemon off; master_process off; worker_processes 1; pid $work/upstream.pid;
-error_log $work/upstream.err;
+worker_rlimit_nofile $FD_LIMIT; error_log $work/upstream.err;
 events { worker_connections 16384; }
 http {
   access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:30080; listen 127.0.0.1:30081; listen 127.0.0.1:30008;
+    listen 127.0.0.1:30443 ssl http2;
+    ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;
     location = /1m { alias $work/1m; }
     location / { return 200 "ok\n"; } }
 }
@@ -51,8 +78,8 @@ done
 
 cat > "$work/nginx.conf" <<EOF
 daemon off; master_process off; worker_processes 1; pid $work/nginx.pid;
-error_log $work/nginx.err;
-events { worker_connections 16384; }
+worker_rlimit_nofile $FD_LIMIT; error_log $work/nginx.err;
+events { worker_connections 32768; }
 http {
   access_log off; keepalive_requests 1000000;
   upstream app { server 127.0.0.1:30080; keepalive 64; }
@@ -60,16 +87,22 @@ http {
   upstream api { server 127.0.0.1:30008; keepalive 64; }
   proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host \$host;
   proxy_buffering off;
-  server { listen 127.0.0.1:$PROXY_PORT; server_name app.example.com; location / { proxy_pass http://app; } }
-  server { listen 127.0.0.1:$PROXY_PORT; server_name files.example.com; location / { proxy_pass http://files; } }
-  server { listen 127.0.0.1:$PROXY_PORT; server_name api.example.com; location / { proxy_pass http://api; } }
+  ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;
+  server { listen 127.0.0.1:$PLAIN_PORT; listen 127.0.0.1:$TLS_PORT ssl http2;
+    server_name app.example.com; location / { proxy_pass http://app; } }
+  server { listen 127.0.0.1:$PLAIN_PORT; listen 127.0.0.1:$TLS_PORT ssl http2;
+    server_name files.example.com; location / { proxy_pass http://files; } }
+  server { listen 127.0.0.1:$PLAIN_PORT; listen 127.0.0.1:$TLS_PORT ssl http2;
+    server_name api.example.com; location / { proxy_pass http://api; } }
 }
 EOF
 
 cat > "$work/haproxy.cfg" <<EOF
 global
   nbthread 1
-  maxconn 4000
+  # HAProxy reserves two descriptors per connection and refuses a maxconn the open-file
+  # limit cannot cover: with a limit of 20000 it holds at most 9990 client connections.
+  maxconn $(( IDLE_CONNECTIONS + 1000 < (FD_LIMIT - 20) / 2 ? IDLE_CONNECTIONS + 1000 : (FD_LIMIT - 20) / 2 ))
 defaults
   mode http
   timeout connect 5s
@@ -77,7 +110,8 @@ defaults
   timeout server 300s
   http-reuse always
 frontend edge
-  bind 127.0.0.1:$PROXY_PORT
+  bind 127.0.0.1:$PLAIN_PORT
+  bind 127.0.0.1:$TLS_PORT ssl crt $work/haproxy.pem alpn h2,http/1.1
   use_backend app if { hdr(host) -i app.example.com }
   use_backend files if { hdr(host) -i files.example.com }
   default_backend api
@@ -92,11 +126,18 @@ EOF
 cat > "$work/edge.toml" <<EOF
 domain = "example.com"
 [[listeners]]
-address = "127.0.0.1:$PROXY_PORT"
+address = "127.0.0.1:$PLAIN_PORT"
+[[listeners]]
+address = "127.0.0.1:$TLS_PORT"
+tls = true
+[tls]
+certificates = [{ cert = "$work/cert.pem", key = "$work/key.pem" }]
 [discovery.static]
 nodes = ["127.0.0.1"]
 [health]
 interval = "1h"
+[limits]
+max_connections = $((IDLE_CONNECTIONS + 1000))
 EOF
 
 # wrk script: rotate the three hosts.
@@ -109,19 +150,49 @@ request = function()
 end
 EOF
 
+# Idle clients: open N connections, make one request on each (so every proxy holds a
+# connection that has served a request), report how many were answered within 10 s, then
+# hold them until stdin closes.
+cat > "$work/idle.py" <<'EOF'
+import asyncio, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+async def one(held):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+    await w.drain()
+    head = await r.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head[:40])
+    await r.readexactly(3)
+    held.append(w)
+async def main():
+    held, sem = [], asyncio.Semaphore(200)
+    async def limited():
+        async with sem:
+            try:
+                await asyncio.wait_for(one(held), 10)
+            except (asyncio.TimeoutError, OSError):
+                pass
+    await asyncio.gather(*(limited() for _ in range(n)))
+    print(len(held), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+asyncio.run(main())
+EOF
+
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hwm_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+rss_kib() { awk -v f="$2" '$1 == f":" {print $2}' "/proc/$1/status"; }
+tick_us=$((1000000 / $(getconf CLK_TCK)))
 
 start_proxy() {
   case $1 in
     nginx) taskset -c 0 nginx -c "$work/nginx.conf" -p "$work" & ;;
     haproxy) taskset -c 0 haproxy -f "$work/haproxy.cfg" -db & ;;
-    clearml-edge) TOKIO_WORKER_THREADS=1 taskset -c 0 ./target/release/clearml-edge run --config "$work/edge.toml" 2>/dev/null & ;;
+    clearml-edge) TOKIO_WORKER_THREADS=1 taskset -c 0 "$EDGE_BIN" run --config "$work/edge.toml" 2>/dev/null & ;;
   esac
   proxy_pid=$!
   pids+=("$proxy_pid")
   for _ in $(seq 50); do
-    curl -s -o /dev/null -H 'Host: api.example.com' "http://127.0.0.1:$PROXY_PORT/" && return
+    curl -s -o /dev/null -H 'Host: api.example.com' "http://127.0.0.1:$PLAIN_PORT/" && return
     sleep 0.1
   done
   echo "$1 did not start" >&2; exit 1
@@ -129,52 +200,111 @@ start_proxy() {
 
 stop_proxy() { kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; }
 
-# run NAME SCENARIO -> "rps p50 p99 rss_kib cpu_us_per_req"
+# "requests rps p50 p99" from wrk's output.
+parse_wrk() {
+  awk '/requests in/ {n = $1} /Requests\/sec/ {r = $2} $1 == "50%" {p50 = $2} $1 == "99%" {p99 = $2}
+       END {printf "%d %.0f %s %s\n", n, r, p50, p99}'
+}
+
+# "requests rps p50 p99" from h2load's summary and per-request log (durations in µs).
+parse_h2load() {
+  local summary=$1 log=$2 n rps p50 p99
+  n=$(awk '/^requests:/ {print $8}' "$summary")
+  rps=$(awk '/^finished in/ {printf "%.0f", $4}' "$summary")
+  read -r p50 p99 < <(cut -f3 "$log" | sort -n | awk '{v[NR] = $1}
+    END {printf "%.2fms %.2fms\n", v[int(NR * 0.5) + 1] / 1000, v[int(NR * 0.99) + 1] / 1000}')
+  echo "$n $rps $p50 $p99"
+}
+
+# measure TARGET SCENARIO [PID] -> "rps p50 p99 rss_kib cpu_us_per_request"
 measure() {
-  local target=$1 scenario=$2 pid=${3:-} url="http://127.0.0.1:$PROXY_PORT"
-  [ "$target" = direct ] && url="http://127.0.0.1:30008"
-  local args=(-t1 -c32 "-d${DURATION}s" --latency)
-  case $scenario in
-    keepalive) args+=(-s "$work/mixed.lua") ;;
-    newconn) args+=(-H "Host: api.example.com" -H "Connection: close") ;;
-    1mib) args=(-t1 -c8 "-d${DURATION}s" --latency -H "Host: files.example.com"); url="$url/1m" ;;
-  esac
-  [ "$target" = direct ] && [ "$scenario" = 1mib ] && url="http://127.0.0.1:30081/1m"
+  local target=$1 scenario=$2 pid=${3:-} out
+  local plain="http://127.0.0.1:$PLAIN_PORT" tls="https://127.0.0.1:$TLS_PORT"
+  if [ "$target" = direct ]; then plain="http://127.0.0.1:30008"; tls="https://127.0.0.1:30443"; fi
+  if [ "$scenario" = idle ]; then measure_idle "$target" "$pid"; return; fi
   local t0=0; [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
-  local out; out=$(taskset -c 1 wrk "${args[@]}" "$url")
+  case $scenario in
+    keepalive) out=$(taskset -c 1 wrk -t1 -c32 "-d${DURATION}s" --latency -s "$work/mixed.lua" "$plain/" | parse_wrk) ;;
+    newconn) out=$(taskset -c 1 wrk -t1 -c32 "-d${DURATION}s" --latency -H "Host: api.example.com" -H "Connection: close" "$plain/" | parse_wrk) ;;
+    1mib)
+      [ "$target" = direct ] && plain="http://127.0.0.1:30081"
+      out=$(taskset -c 1 wrk -t1 -c8 "-d${DURATION}s" --latency -H "Host: files.example.com" "$plain/1m" | parse_wrk) ;;
+    https-newconn) out=$(taskset -c 1 wrk -t1 -c32 "-d${DURATION}s" --latency -H "Host: api.example.com" -H "Connection: close" "$tls/" | parse_wrk) ;;
+    h2)
+      taskset -c 1 h2load -t1 -c32 -m8 -D "$DURATION" -H ":authority: api.example.com" \
+        --log-file="$work/h2.log" "$tls/" > "$work/h2.out"
+      out=$(parse_h2load "$work/h2.out" "$work/h2.log") ;;
+  esac
   local t1=0; [ -n "$pid" ] && t1=$(cpu_ticks "$pid")
-  local reqs rps p50 p99 rss cpu
-  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-  rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
-  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  rss=-; cpu=-
+  local reqs rps p50 p99 rss=- cpu=-
+  read -r reqs rps p50 p99 <<<"$out"
   if [ -n "$pid" ]; then
-    rss=$(hwm_kib "$pid")
-    cpu=$(awk -v t="$((t1 - t0))" -v r="$reqs" 'BEGIN { printf "%.1f", t * 10000 / r }')
+    rss=$(rss_kib "$pid" VmHWM)
+    cpu=$(awk -v t="$((t1 - t0))" -v r="$reqs" -v us="$tick_us" 'BEGIN { printf "%.1f", t * us / r }')
   fi
   echo "$rps $p50 $p99 $rss $cpu"
 }
 
-declare -A results
-for scenario in keepalive newconn 1mib; do
-  results[direct,$scenario]=$(measure direct "$scenario")
-  for proxy in nginx haproxy clearml-edge; do
-    start_proxy "$proxy"
-    results[$proxy,$scenario]=$(measure "$proxy" "$scenario" "$proxy_pid")
-    stop_proxy
+# RSS with IDLE_CONNECTIONS idle keep-alive clients, each having made one request.
+measure_idle() {
+  local target=$1 pid=$2
+  [ "$target" = direct ] && { echo "- - - - -"; return; }
+  local before; before=$(rss_kib "$pid" VmRSS)
+  coproc IDLE { taskset -c 1 timeout 120 python3 "$work/idle.py" "$PLAIN_PORT" "$IDLE_CONNECTIONS"; }
+  local opened; read -r opened <&"${IDLE[0]}"
+  local rss; rss=$(rss_kib "$pid" VmRSS)
+  exec {IDLE[1]}>&-
+  wait "$IDLE_PID" 2>/dev/null || true
+  echo "$opened - - $rss $before"
+}
+
+declare -A rounds
+for round in $(seq "$ROUNDS"); do
+  for scenario in $SCENARIOS; do
+    [ "$scenario" != idle ] && rounds[direct,$scenario]+="$(measure direct "$scenario")"$'\n'
+    for proxy in $PROXIES; do
+      start_proxy "$proxy"
+      rounds[$proxy,$scenario]+="$(measure "$proxy" "$scenario" "$proxy_pid")"$'\n'
+      stop_proxy
+    done
+    echo "round $round/$ROUNDS: $scenario done" >&2
   done
 done
 
+# The round with the median proxy CPU per request (for idle: the median RSS; for direct,
+# which has no proxy: the median requests/s).
+median_row() {
+  local column=5
+  case "$1,$2" in direct,*) column=1 ;; *,idle) column=4 ;; esac
+  printf '%s' "${rounds[$1,$2]}" | grep -v '^$' | sort -g -k"$column" | awk '{row[NR] = $0} END {print row[int((NR + 1) / 2)]}'
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print ""; else printf " (%.2f×)", a / b }'; }
+ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) printf "%.3f", v / 1000; else if (v ~ /ms$/) printf "%.3f", v + 0; else if (v ~ /s$/) printf "%.3f", v * 1000; else print "-" }'; }
+
 echo
-echo "| scenario | target | requests/s | p50 | p99 | peak RSS KiB | proxy CPU µs/request | CPU/request vs nginx |"
-echo "|---|---|---|---|---|---|---|---|"
-for scenario in keepalive newconn 1mib; do
-  read -r _ _ _ _ nginx_cpu <<<"${results[nginx,$scenario]}"
-  for target in direct nginx haproxy clearml-edge; do
-    read -r rps p50 p99 rss cpu <<<"${results[$target,$scenario]}"
-    ratio=-
-    [ "$cpu" != - ] && ratio=$(awk -v a="$cpu" -v b="$nginx_cpu" 'BEGIN { printf "%.2f", a / b }')
-    echo "| $scenario | $target | $rps | $p50 | $p99 | $rss | $cpu | $ratio |"
+echo "Each figure in brackets is the ratio to nginx's in the same run. Proxy CPU is user +"
+echo "system time from /proc over the measured interval, divided by the requests served."
+echo
+echo "| scenario | target | requests/s | p50 ms | p99 ms | peak RSS MiB | proxy CPU µs/request |"
+echo "|---|---|---|---|---|---|---|"
+for scenario in $SCENARIOS; do
+  [ "$scenario" = idle ] && continue
+  read -r n_rps n_p50 n_p99 n_rss n_cpu <<<"$(median_row nginx "$scenario")"
+  for target in direct $PROXIES; do
+    read -r rps p50 p99 rss cpu <<<"$(median_row "$target" "$scenario")"
+    p50=$(ms "$p50"); p99=$(ms "$p99")
+    mib=-; [ "$rss" != - ] && mib=$(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')
+    echo "| $scenario | $target | $rps$(ratio "$rps" "$n_rps") | $p50$(ratio "$p50" "$(ms "$n_p50")") | $p99$(ratio "$p99" "$(ms "$n_p99")") | $mib$(ratio "$rss" "$n_rss") | $cpu$(ratio "$cpu" "$n_cpu") |"
   done
 done
+if [[ " $SCENARIOS " == *" idle "* ]]; then
+  echo
+  echo "| idle keep-alive connections | target | RSS MiB before | RSS MiB with them open | KiB per connection |"
+  echo "|---|---|---|---|---|"
+  read -r _ _ _ n_rss _ <<<"$(median_row nginx idle)"
+  for target in $PROXIES; do
+    read -r opened _ _ rss before <<<"$(median_row "$target" idle)"
+    echo "| $opened | $target | $(awk -v k="$before" 'BEGIN { printf "%.1f", k / 1024 }') | $(awk -v k="$rss" 'BEGIN { printf "%.1f", k / 1024 }')$(ratio "$rss" "$n_rss") | $(awk -v a="$rss" -v b="$before" -v n="$opened" 'BEGIN { printf "%.1f", (a - b) / n }') |"
+  done
+fi
