@@ -362,3 +362,41 @@ async fn certificate_problems_are_config_errors_naming_file_and_fix() {
     assert_eq!(e.key, "tls.certificates");
     assert!(e.problem.contains("files.example.com"), "{e}");
 }
+
+/// The edge picks AES-128-GCM even when the client lists AES-256-GCM-SHA384 first (as
+/// rustls and OpenSSL clients do): cheaper handshakes and records. A client that offers only
+/// AES-256 still gets it.
+#[tokio::test]
+async fn server_prefers_aes128_and_still_speaks_aes256() {
+    let pki = Pki::new();
+    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
+    let cluster = Cluster::echo().await;
+    let proxy = proxy(&tls_config(&cluster, &[(&crt, &key)], "")).await;
+    let https = proxy.local_addrs()[0];
+
+    let stream = pki.connect(https, "api.example.com", &[b"http/1.1"]).await;
+    let suite = stream.get_ref().1.negotiated_cipher_suite().unwrap();
+    assert_eq!(suite.suite(), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(https).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("api.example.com").unwrap();
+    let stream = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("AES-256-only handshake");
+    let suite = stream.get_ref().1.negotiated_cipher_suite().unwrap();
+    assert_eq!(suite.suite(), rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let (status, _, body) = h1_get(stream, "api.example.com", "/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "api"));
+}
