@@ -501,7 +501,13 @@ async fn serve_plain(
         open.context.handshake_timeout,
         read_first_bytes(&mut stream),
     );
-    let (protocol, first) = match first.await {
+    let mut shutdown = served.shutdown.clone();
+    // A client that has sent nothing yet has nothing in flight: shutdown closes it at once.
+    let first = tokio::select! {
+        first = first => first,
+        _ = shutdown_requested(&mut shutdown) => return,
+    };
+    let (protocol, first) = match first {
         Ok(Ok(Some(first))) => first,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -523,7 +529,12 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, se
     let Some(acceptor) = &context.acceptor else {
         return;
     };
-    let handshake = tokio::time::timeout(context.handshake_timeout, acceptor.accept(stream)).await;
+    let handshake = tokio::time::timeout(context.handshake_timeout, acceptor.accept(stream));
+    let mut shutdown = served.shutdown.clone();
+    let handshake = tokio::select! {
+        handshake = handshake => handshake,
+        _ = shutdown_requested(&mut shutdown) => return,
+    };
     let result = match handshake {
         Ok(Ok(tls_stream)) => Ok(tls_stream),
         Ok(Err(e)) => Err(e.to_string()),
@@ -667,14 +678,17 @@ async fn until_shutdown<C: GracefulConnection>(
     mut connection: Pin<Box<C>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> hyper::Result<()> {
-    if !*shutdown.borrow_and_update() {
-        tokio::select! {
-            result = connection.as_mut() => return result,
-            _ = shutdown.changed() => {}
-        }
+    tokio::select! {
+        result = connection.as_mut() => return result,
+        _ = shutdown_requested(&mut shutdown) => {}
     }
     connection.as_mut().begin_shutdown();
     connection.await
+}
+
+/// Resolves once shutdown has been signalled (or the server is gone).
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Waits for every connection to end (each holds a permit of the connection limit), at most

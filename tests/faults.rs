@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use hyper::{Method, Response, StatusCode};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
 #[tokio::test]
@@ -175,6 +176,38 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, "finished");
     shutdown.await.unwrap();
+}
+
+/// Connections with nothing in flight do not hold up a shutdown: one that has not sent a
+/// byte and one idle after a request are both closed at once, though the header timeout
+/// and the drain are a minute.
+#[tokio::test]
+async fn shutdown_closes_silent_and_idle_connections_at_once() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(
+        &cluster,
+        "[timeouts]\nclient_header = \"60s\"\nshutdown_drain = \"60s\"\n",
+    )
+    .await;
+    let proxy_addr = addr(&proxy);
+    let mut silent = tokio::net::TcpStream::connect(proxy_addr).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(proxy_addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 512];
+    let n = idle.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"));
+    // Bounded only so a regression fails instead of hanging; a proxy that waited for these
+    // connections would take the full minute.
+    let done = tokio::time::timeout(std::time::Duration::from_secs(30), proxy.shutdown()).await;
+    assert!(
+        done.is_ok(),
+        "shutdown waited for connections with nothing in flight"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(silent.read_to_end(&mut rest).await.unwrap(), 0);
+    let _ = idle.read_to_end(&mut rest).await;
 }
 
 #[tokio::test]
