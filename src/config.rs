@@ -16,6 +16,10 @@ use serde::Deserialize;
 /// (route name = host label, node port).
 pub const CLEARML_ROUTES: [(&str, u16); 3] = [("app", 30080), ("files", 30081), ("api", 30008)];
 
+/// Upper bound of `limits.max_connections` (the drain counts connections in a `u32`; far
+/// beyond any open-file limit anyway).
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -709,6 +713,16 @@ impl Config {
                 "set a positive number (default 10000)",
             ));
         }
+        if self.limits.max_connections > MAX_CONNECTIONS_LIMIT {
+            return Err(err(
+                "limits.max_connections",
+                format!(
+                    "{} is more than the proxy can count",
+                    self.limits.max_connections
+                ),
+                "set it to 1000000 or less (default 10000)",
+            ));
+        }
 
         if let Some(tls) = &self.tls {
             if let Some(hsts) = &tls.hsts {
@@ -1082,6 +1096,11 @@ mod tests {
                 "limits.max_request_header_bytes",
             ),
             ("[timeouts]\nconnect = \"0s\"\n", "timeouts.connect"),
+            ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            (
+                "[limits]\nmax_connections = 5000000000\n",
+                "limits.max_connections",
+            ),
             (
                 "[routes.files]\naliases = [\"app.localhost\"]\n",
                 "routes.files.aliases[0]",

@@ -19,7 +19,7 @@ use hyper::header::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::{service_fn, HttpService};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -471,11 +471,13 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// hyper parses the first request without reading again. Freed once hyper has consumed it.
 const FIRST_READ_BYTES: usize = 4096;
 
-/// Reads a plain connection's first bytes to tell HTTP/2 prior knowledge from HTTP/1.1, in
-/// one read for any HTTP/1.1 request (hyper-util's auto builder reads the 24-byte preface
-/// length first, then hyper reads again: a system call more per connection). `None` when the
+/// Reads a connection's first bytes to tell HTTP/2 prior knowledge from HTTP/1.1, in one
+/// read for any HTTP/1.1 request (hyper-util's auto builder reads the 24-byte preface length
+/// first, then hyper reads again: a system call more per connection). `None` when the
 /// client closed before sending a byte.
-async fn read_first_bytes(stream: &mut TcpStream) -> io::Result<Option<(Protocol, Vec<u8>)>> {
+async fn read_first_bytes<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> io::Result<Option<(Protocol, Vec<u8>)>> {
     let mut first = Vec::with_capacity(FIRST_READ_BYTES);
     loop {
         if stream.read_buf(&mut first).await? == 0 {
@@ -491,37 +493,47 @@ async fn read_first_bytes(stream: &mut TcpStream) -> io::Result<Option<(Protocol
     }
 }
 
+/// Waits for a connection's first bytes, at most the header timeout, and ends at once on
+/// shutdown: a client that has sent nothing has nothing in flight (hyper itself would wait
+/// for a new connection's first request until the header timeout, holding up the drain).
+/// `None` when the connection is to be closed.
+async fn first_bytes<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    peer: SocketAddr,
+    timeout: Duration,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<(Protocol, Vec<u8>)> {
+    let mut shutdown = shutdown.clone();
+    let first = tokio::select! {
+        first = tokio::time::timeout(timeout, read_first_bytes(stream)) => first,
+        _ = shutdown_requested(&mut shutdown) => return None,
+    };
+    match first {
+        Ok(Ok(first)) => first,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %peer, error = %e, "connection ended before a request");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(client = %peer, "no request within the header timeout");
+            None
+        }
+    }
+}
+
 async fn serve_plain(
     mut stream: TcpStream,
     peer: SocketAddr,
     open: OpenConnection,
     served: ServedBy,
 ) {
-    let first = tokio::time::timeout(
-        open.context.handshake_timeout,
-        read_first_bytes(&mut stream),
-    );
-    let mut shutdown = served.shutdown.clone();
-    // A client that has sent nothing yet has nothing in flight: shutdown closes it at once.
-    let first = tokio::select! {
-        first = first => first,
-        _ = shutdown_requested(&mut shutdown) => return,
-    };
-    let (protocol, first) = match first {
-        Ok(Ok(Some(first))) => first,
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            tracing::debug!(client = %peer, error = %e, "connection ended before a request");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(client = %peer, "no request within the header timeout");
-            return;
-        }
+    let timeout = open.context.handshake_timeout;
+    let Some((protocol, first)) = first_bytes(&mut stream, peer, timeout, &served.shutdown).await
+    else {
+        return;
     };
     let client = open.context.setup(peer, None);
-    serve_connection(stream, first, protocol, client, served).await;
-    drop(open);
+    serve_connection(stream, first, protocol, client, served, Arc::new(open)).await;
 }
 
 async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, served: ServedBy) {
@@ -546,21 +558,28 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, se
         failed_label()
     };
     context.metrics.tls_handshakes.get_or_create(&label).inc();
-    match result {
-        Ok(tls_stream) => {
-            let (_, session) = tls_stream.get_ref();
-            let sni = session.server_name().map(Box::from);
-            let protocol = if session.alpn_protocol() == Some(b"h2") {
-                Protocol::Http2
-            } else {
-                Protocol::Http1
-            };
-            let client = context.setup(peer, sni);
-            serve_connection(tls_stream, Vec::new(), protocol, client, served).await;
+    let mut tls_stream = match result {
+        Ok(tls_stream) => tls_stream,
+        Err(e) => {
+            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+            return;
         }
-        Err(e) => tracing::debug!(client = %peer, error = %e, "TLS handshake failed"),
-    }
-    drop(open);
+    };
+    let (_, session) = tls_stream.get_ref();
+    let sni = session.server_name().map(Box::from);
+    // ALPN h2 needs no look at the bytes; otherwise the first bytes decide, as on a plain
+    // listener (and a client that sends the HTTP/2 preface without ALPN is still served).
+    let (protocol, first) = if session.alpn_protocol() == Some(b"h2") {
+        (Protocol::Http2, Vec::new())
+    } else {
+        let timeout = context.handshake_timeout;
+        match first_bytes(&mut tls_stream, peer, timeout, &served.shutdown).await {
+            Some(first) => first,
+            None => return,
+        }
+    };
+    let client = context.setup(peer, sni);
+    serve_connection(tls_stream, first, protocol, client, served, Arc::new(open)).await;
 }
 
 /// Everything about a client connection except the framing report, which exists only once
@@ -578,6 +597,7 @@ async fn serve_connection<S>(
     protocol: Protocol,
     client: ConnSetup,
     served: ServedBy,
+    slot: Arc<OpenConnection>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -603,6 +623,7 @@ async fn serve_connection<S>(
         },
         framing,
         requests: Default::default(),
+        slot,
     });
     let ServedBy {
         proxy,

@@ -316,3 +316,40 @@ async fn websocket_echo_through_the_proxy() {
     }
     ws.close(None).await.unwrap();
 }
+
+/// An open WebSocket counts as a live connection through the shutdown drain: it keeps
+/// working after the listeners closed, and the shutdown ends once it is closed.
+#[tokio::test]
+async fn shutdown_drains_an_open_websocket() {
+    let port = websocket_echo().await;
+    let proxy = proxy(&config(
+        &format!("[routes.app]\nport = {port}\n"),
+        &["127.0.0.1"],
+        "[timeouts]\nshutdown_drain = \"60s\"\n",
+    ))
+    .await;
+    let proxy_addr = addr(&proxy);
+    let stream = tokio::net::TcpStream::connect(proxy_addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async("ws://app.example.com/ws", stream)
+        .await
+        .expect("websocket handshake through the proxy");
+    let shutdown = tokio::spawn(proxy.shutdown());
+    while tokio::net::TcpStream::connect(proxy_addr).await.is_ok() {
+        tokio::task::yield_now().await;
+    }
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        "during the drain",
+    ))
+    .await
+    .unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "during the drain");
+    assert!(
+        !shutdown.is_finished(),
+        "the drain did not wait for the tunnel"
+    );
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let done = tokio::time::timeout(std::time::Duration::from_secs(30), shutdown).await;
+    assert!(done.is_ok(), "shutdown did not end after the tunnel closed");
+}

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls_pki_types::CertificateDer;
 use support::*;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -399,4 +400,29 @@ async fn server_prefers_aes128_and_still_speaks_aes256() {
     assert_eq!(suite.suite(), rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
     let (status, _, body) = h1_get(stream, "api.example.com", "/").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "api"));
+}
+
+/// A TLS client that completed its handshake but sent no request does not hold up a
+/// shutdown, though the header timeout and the drain are a minute.
+#[tokio::test]
+async fn shutdown_closes_a_tls_connection_that_sent_nothing() {
+    let pki = Pki::new();
+    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
+    let cluster = Cluster::echo().await;
+    let proxy = proxy(&tls_config(
+        &cluster,
+        &[(&crt, &key)],
+        "[timeouts]\nclient_header = \"60s\"\nshutdown_drain = \"60s\"\n",
+    ))
+    .await;
+    let https = proxy.local_addrs()[0];
+    let mut stream = pki.connect(https, "api.example.com", &[b"http/1.1"]).await;
+    let done = tokio::time::timeout(std::time::Duration::from_secs(30), proxy.shutdown()).await;
+    assert!(
+        done.is_ok(),
+        "shutdown waited for a TLS connection with nothing in flight"
+    );
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest).await;
+    assert!(rest.is_empty());
 }

@@ -50,6 +50,10 @@ pub struct ClientConn {
     pub framing: Arc<FramingReport>,
     /// Requests dispatched so far on this connection, to match heads to requests.
     pub requests: AtomicU64,
+    /// The connection's place in the connection limit, held by every task that serves the
+    /// connection, an upgraded tunnel included, so the limit and the shutdown drain count it
+    /// until the last of them ends.
+    pub slot: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl ClientConn {
@@ -393,7 +397,12 @@ impl Proxy {
             headers::strip_hop_by_hop(&mut parts.headers, true);
             let upstream_upgrade =
                 hyper::upgrade::on(Response::from_parts(parts.clone(), upstream_body));
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
+            tokio::spawn(tunnel(
+                client_upgrade,
+                upstream_upgrade,
+                in_flight,
+                conn.slot.clone(),
+            ));
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
         headers::strip_hop_by_hop(&mut parts.headers, false);
@@ -501,6 +510,7 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     in_flight: InFlightGuard,
+    slot: Arc<dyn std::any::Any + Send + Sync>,
 ) {
     let node = in_flight.backend().authority.clone();
     match tokio::try_join!(client, upstream) {
@@ -514,4 +524,5 @@ async fn tunnel(
         Err(e) => tracing::warn!(%node, error = %e, "upgrade failed"),
     }
     drop(in_flight);
+    drop(slot);
 }
