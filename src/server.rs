@@ -503,12 +503,7 @@ async fn first_bytes<S: AsyncRead + Unpin>(
     timeout: Duration,
     shutdown: &watch::Receiver<bool>,
 ) -> Option<(Protocol, Vec<u8>)> {
-    let mut shutdown = shutdown.clone();
-    let first = tokio::select! {
-        first = tokio::time::timeout(timeout, read_first_bytes(stream)) => first,
-        _ = shutdown_requested(&mut shutdown) => return None,
-    };
-    match first {
+    match before_shutdown(timeout, shutdown, read_first_bytes(stream)).await? {
         Ok(Ok(first)) => first,
         Ok(Err(e)) => {
             tracing::debug!(client = %peer, error = %e, "connection ended before a request");
@@ -518,6 +513,21 @@ async fn first_bytes<S: AsyncRead + Unpin>(
             tracing::debug!(client = %peer, "no request within the header timeout");
             None
         }
+    }
+}
+
+/// Runs a connection's set-up step (TLS handshake, first read) for at most `timeout`;
+/// `None` when shutdown comes first, since a connection still setting up has no request in
+/// flight to wait for.
+async fn before_shutdown<F: Future>(
+    timeout: Duration,
+    shutdown: &watch::Receiver<bool>,
+    step: F,
+) -> Option<Result<F::Output, tokio::time::error::Elapsed>> {
+    let mut shutdown = shutdown.clone();
+    tokio::select! {
+        done = tokio::time::timeout(timeout, step) => Some(done),
+        _ = shutdown_requested(&mut shutdown) => None,
     }
 }
 
@@ -541,24 +551,19 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, se
     let Some(acceptor) = &context.acceptor else {
         return;
     };
-    let handshake = tokio::time::timeout(context.handshake_timeout, acceptor.accept(stream));
-    let mut shutdown = served.shutdown.clone();
-    let handshake = tokio::select! {
-        handshake = handshake => handshake,
-        _ = shutdown_requested(&mut shutdown) => return,
+    let timeout = context.handshake_timeout;
+    let Some(handshake) = before_shutdown(timeout, &served.shutdown, acceptor.accept(stream)).await
+    else {
+        return;
     };
-    let result = match handshake {
-        Ok(Ok(tls_stream)) => Ok(tls_stream),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".to_string()),
-    };
-    let label = if result.is_ok() {
+    let handshake = handshake.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+    let label = if handshake.is_ok() {
         ok_label()
     } else {
         failed_label()
     };
     context.metrics.tls_handshakes.get_or_create(&label).inc();
-    let mut tls_stream = match result {
+    let mut tls_stream = match handshake {
         Ok(tls_stream) => tls_stream,
         Err(e) => {
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
@@ -572,7 +577,6 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, se
     let (protocol, first) = if session.alpn_protocol() == Some(b"h2") {
         (Protocol::Http2, Vec::new())
     } else {
-        let timeout = context.handshake_timeout;
         match first_bytes(&mut tls_stream, peer, timeout, &served.shutdown).await {
             Some(first) => first,
             None => return,
