@@ -73,15 +73,27 @@ impl Pki {
     }
 
     fn connector(&self, alpn: &[&[u8]]) -> TlsConnector {
+        self.connector_with(
+            rustls::crypto::ring::default_provider(),
+            rustls::DEFAULT_VERSIONS,
+            alpn,
+        )
+    }
+
+    /// A client trusting this CA, with the given cipher suites (provider) and versions.
+    fn connector_with(
+        &self,
+        provider: rustls::crypto::CryptoProvider,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: &[&[u8]],
+    ) -> TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         TlsConnector::from(Arc::new(config))
     }
@@ -383,16 +395,10 @@ async fn server_prefers_aes128_and_still_speaks_aes256() {
     provider
         .cipher_suites
         .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = TcpStream::connect(https).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("api.example.com").unwrap();
-    let stream = TlsConnector::from(Arc::new(config))
+    let stream = pki
+        .connector_with(provider, &[&rustls::version::TLS13], &[])
         .connect(name, tcp)
         .await
         .expect("AES-256-only handshake");
