@@ -54,13 +54,30 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 cat "$work/cert.pem" "$work/key.pem" > "$work/haproxy.pem"
 
+# The top of an nginx config: one worker, no daemon, files in $work. $1 names the pid and
+# log files, $2 is worker_connections.
+nginx_globals() {
+  echo "daemon off; master_process off; worker_processes 1; pid $work/$1.pid;"
+  echo "worker_rlimit_nofile $FD_LIMIT; error_log $work/$1.err;"
+  echo "events { worker_connections $2; }"
+}
+
+# Waits up to 5 s for URL to answer (with Host: $2 when given); fails otherwise.
+wait_ready() {
+  local host=()
+  [ -n "${2:-}" ] && host=(-H "Host: $2")
+  for _ in $(seq 50); do
+    curl -s -o /dev/null "${host[@]}" "$1" && return
+    sleep 0.1
+  done
+  return 1
+}
+
 # Upstreams: one nginx, one worker, on core 1, answering the three node ports (and TLS on
 # 30443 for the direct HTTPS runs).
 head -c 1048576 /dev/zero > "$work/1m"
 cat > "$work/upstream.conf" <<EOF
-daemon off; master_process off; worker_processes 1; pid $work/upstream.pid;
-worker_rlimit_nofile $FD_LIMIT; error_log $work/upstream.err;
-events { worker_connections 16384; }
+$(nginx_globals upstream 16384)
 http {
   access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:30080; listen 127.0.0.1:30081; listen 127.0.0.1:30008;
@@ -71,15 +88,10 @@ http {
 }
 EOF
 taskset -c 1 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
-for _ in $(seq 50); do
-  curl -s -o /dev/null http://127.0.0.1:30008/ && break
-  sleep 0.1
-done
+wait_ready http://127.0.0.1:30008/ || { echo "the upstream nginx did not start" >&2; exit 1; }
 
 cat > "$work/nginx.conf" <<EOF
-daemon off; master_process off; worker_processes 1; pid $work/nginx.pid;
-worker_rlimit_nofile $FD_LIMIT; error_log $work/nginx.err;
-events { worker_connections 32768; }
+$(nginx_globals nginx 32768)
 http {
   access_log off; keepalive_requests 1000000;
   upstream app { server 127.0.0.1:30080; keepalive 64; }
@@ -197,11 +209,7 @@ start_proxy() {
   esac
   proxy_pid=$!
   pids+=("$proxy_pid")
-  for _ in $(seq 50); do
-    curl -s -o /dev/null -H 'Host: api.example.com' "http://127.0.0.1:$PLAIN_PORT/" && return
-    sleep 0.1
-  done
-  echo "$1 did not start" >&2; exit 1
+  wait_ready "http://127.0.0.1:$PLAIN_PORT/" api.example.com || { echo "$1 did not start" >&2; exit 1; }
 }
 
 stop_proxy() { kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; }
