@@ -33,6 +33,14 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// `keep_upgrade`, `Upgrade` survives and `Connection: upgrade` is set again, so a WebSocket
 /// handshake reaches the other side intact.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the names (comparing known names is an integer compare) instead of a
+    // hashed lookup per hop-by-hop field: most heads carry none or only `Connection`.
+    if !headers.keys().any(is_hop_by_hop) {
+        if keep_upgrade {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         // Only fields beyond the usual tokens need a name built; most requests have none.
         let named: Vec<HeaderName> = connection_tokens(headers)
@@ -59,6 +67,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(UPGRADE);
     }
+}
+
+/// The fixed hop-by-hop fields (`Connection` may name more; it is one of these itself).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == TE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// Sets the forwarding fields: appends the client to `X-Forwarded-For`; sets `X-Real-IP`,
@@ -123,6 +141,21 @@ mod tests {
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["set-cookie", "content-encoding"]);
         assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn a_head_without_hop_by_hop_fields_is_left_as_it_is() {
+        let pairs = [
+            ("content-type", "text/plain"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ];
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, map(&pairs));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h.len(), 4);
     }
 
     #[test]

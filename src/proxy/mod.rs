@@ -239,12 +239,15 @@ impl Proxy {
         }
         let has_body = first.is_some() || !body.is_end_stream();
         // Once written, only a bodyless idempotent request may go again (never an upload:
-        // ClearML's are not idempotent and its SDK retries on its own).
-        let replay = (!has_body && !upgrade && is_idempotent(&parts.method)).then(|| Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-        });
+        // ClearML's are not idempotent and its SDK retries on its own), and only to another
+        // node: with one node there is nowhere to send it, and no copy of the head to make.
+        let replay =
+            (!has_body && !upgrade && pool.backends.len() > 1 && is_idempotent(&parts.method))
+                .then(|| Replay {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    headers: parts.headers.clone(),
+                });
         let (sent_tx, mut sent_rx) = oneshot::channel();
         let mut request = Request::from_parts(
             parts,
