@@ -194,12 +194,27 @@ impl Scanner {
                     };
                 }
                 State::Head | State::Trailers | State::ChunkDataEnd | State::ChunkExtension => {
-                    let (line_done, used) = self.take_line(bytes);
-                    bytes = &bytes[used..];
-                    if line_done {
-                        self.end_of_line();
-                        self.line.clear();
-                        self.line_truncated = false;
+                    let lf = memchr::memchr(b'\n', bytes);
+                    match lf {
+                        // No line begun in an earlier read and this one is whole here: it
+                        // is looked at where it lies instead of being copied first.
+                        Some(lf) if self.line.is_empty() && !self.line_truncated => {
+                            let line = &bytes[..lf];
+                            let kept = &line[..line.len().min(MAX_KEPT_LINE)];
+                            self.end_of_line(kept, kept.len() < line.len());
+                            bytes = &bytes[lf + 1..];
+                        }
+                        _ => {
+                            let used = self.take_line(bytes, lf);
+                            bytes = &bytes[used..];
+                            if lf.is_some() {
+                                let line = std::mem::take(&mut self.line);
+                                self.end_of_line(&line, self.line_truncated);
+                                self.line = line;
+                                self.line.clear();
+                                self.line_truncated = false;
+                            }
+                        }
                     }
                 }
                 State::ChunkSize => {
@@ -211,22 +226,22 @@ impl Scanner {
         }
     }
 
-    /// Appends up to and including the next LF to the line; returns whether it ended.
-    fn take_line(&mut self, bytes: &[u8]) -> (bool, usize) {
-        let (part, done) = match bytes.iter().position(|&b| b == b'\n') {
-            Some(lf) => (&bytes[..lf], true),
-            None => (bytes, false),
-        };
+    /// Appends the bytes up to the line's LF (at `lf`, when in `bytes`) to the kept line;
+    /// returns how many bytes it used, the LF included.
+    fn take_line(&mut self, bytes: &[u8], lf: Option<usize>) -> usize {
+        let part = &bytes[..lf.unwrap_or(bytes.len())];
         let room = MAX_KEPT_LINE.saturating_sub(self.line.len());
         if part.len() > room {
             self.line_truncated = true;
         }
         self.line.extend_from_slice(&part[..part.len().min(room)]);
-        (done, part.len() + usize::from(done))
+        part.len() + usize::from(lf.is_some())
     }
 
-    fn end_of_line(&mut self) {
-        let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+    /// A line has ended: `line` is its kept part (without the LF), `truncated` whether more
+    /// of it was cut off.
+    fn end_of_line(&mut self, line: &[u8], truncated: bool) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         match self.state {
             State::Head => {
                 if line.is_empty() {
@@ -244,7 +259,7 @@ impl Scanner {
                     self.head.connect = line.starts_with(b"CONNECT ");
                     return;
                 }
-                self.header_line();
+                self.header_line(line, truncated);
             }
             State::Trailers if line.is_empty() => self.state = State::Head,
             State::ChunkDataEnd => {
@@ -259,8 +274,7 @@ impl Scanner {
         }
     }
 
-    fn header_line(&mut self) {
-        let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+    fn header_line(&mut self, line: &[u8], truncated: bool) {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             return;
         };
@@ -269,12 +283,12 @@ impl Scanner {
         if name.eq_ignore_ascii_case(b"content-length") {
             self.head.has_content_length = true;
             self.head.content_length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
-            if self.line_truncated {
+            if truncated {
                 self.head.content_length = None;
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.head.has_transfer_encoding = true;
-            self.head.chunked = !self.line_truncated
+            self.head.chunked = !truncated
                 && value
                     .rsplit(|&b| b == b',')
                     .next()
@@ -406,6 +420,18 @@ mod tests {
         let stream = [PLAIN, SIZED, CHUNKED, PLAIN].concat();
         for split in [1, 5, 4096] {
             assert_eq!(ambiguous_ordinal(&stream, split), None);
+        }
+    }
+
+    #[test]
+    fn long_lines_are_followed_whether_whole_in_one_read_or_split() {
+        let long = format!("X-Long: {}\r\n", "a".repeat(3 * MAX_KEPT_LINE));
+        let both = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\n{long}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        );
+        let stream = [PLAIN, both.as_bytes()].concat();
+        for split in [1, 100, 4096] {
+            assert_eq!(ambiguous_ordinal(&stream, split), Some(1), "split {split}");
         }
     }
 

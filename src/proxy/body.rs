@@ -44,7 +44,7 @@ impl RequestBody {
         inner: Option<Incoming>,
         first: Option<Frame<Bytes>>,
         limit: Option<u64>,
-        sent: oneshot::Sender<()>,
+        sent: Option<oneshot::Sender<()>>,
     ) -> Self {
         let seen = first
             .as_ref()
@@ -56,7 +56,7 @@ impl RequestBody {
             limit,
             seen,
             bytes_in: None,
-            sent: Some(sent),
+            sent,
         }
     }
 

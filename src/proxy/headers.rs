@@ -10,8 +10,6 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// True when the `Connection` header carries the `upgrade` token and `Upgrade` is present.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
@@ -33,16 +31,22 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// `keep_upgrade`, `Upgrade` survives and `Connection: upgrade` is set again, so a WebSocket
 /// handshake reaches the other side intact.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names (comparing known names is an integer compare) instead of a
-    // hashed lookup per hop-by-hop field: most heads carry none or only `Connection`.
-    if !headers.keys().any(is_hop_by_hop) {
-        if keep_upgrade {
-            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    // One pass over the names (a known name compares as an integer) finds which of the fixed
+    // fields are there, so only those are looked up to be removed: a typical head carries
+    // none, or only `Connection`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present[i] = true;
         }
-        return;
     }
-    if headers.contains_key(CONNECTION) {
-        // Only fields beyond the usual tokens need a name built; most requests have none.
+    let names_more = |value: &HeaderValue| {
+        !["keep-alive", "close", "upgrade"]
+            .iter()
+            .any(|usual| value.as_bytes().eq_ignore_ascii_case(usual.as_bytes()))
+    };
+    if present[CONNECTION_INDEX] && headers.get_all(CONNECTION).iter().any(names_more) {
+        // Only fields beyond the usual tokens need a name built; most heads have none.
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| {
                 !["close", "keep-alive", "upgrade"]
@@ -56,27 +60,41 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 headers.remove(&name);
             }
         }
-        headers.remove(CONNECTION);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(TE);
-    headers.remove(TRANSFER_ENCODING);
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, there)| *there) {
+        if !(keep_upgrade && name == UPGRADE) {
+            headers.remove(name);
+        }
+    }
     if keep_upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(UPGRADE);
     }
 }
 
-/// The fixed hop-by-hop fields (`Connection` may name more; it is one of these itself).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == CONNECTION
-        || name == TRANSFER_ENCODING
-        || name == UPGRADE
-        || name == TE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+/// The fixed hop-by-hop fields (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
+/// `Proxy-Connection`).
+static HOP_BY_HOP: [HeaderName; 6] = [
+    CONNECTION,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    TE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+const CONNECTION_INDEX: usize = 0;
+
+/// Where `name` is in [`HOP_BY_HOP`]: a match on the text (length first) is cheaper than
+/// comparing against each name in turn.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "transfer-encoding" => Some(1),
+        "upgrade" => Some(2),
+        "te" => Some(3),
+        "keep-alive" => Some(4),
+        "proxy-connection" => Some(5),
+        _ => None,
+    }
 }
 
 /// Sets the forwarding fields: appends the client to `X-Forwarded-For`; sets `X-Real-IP`,
@@ -156,6 +174,15 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h.len(), 4);
+    }
+
+    #[test]
+    fn the_index_and_the_list_agree() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        assert_eq!(HOP_BY_HOP[CONNECTION_INDEX], CONNECTION);
+        assert_eq!(hop_by_hop_index(&HeaderName::from_static("x-te")), None);
     }
 
     #[test]

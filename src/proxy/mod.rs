@@ -248,7 +248,14 @@ impl Proxy {
                     uri: parts.uri.clone(),
                     headers: parts.headers.clone(),
                 });
-        let (sent_tx, mut sent_rx) = oneshot::channel();
+        // Only a request with a body needs to say when it is sent; without one the
+        // response-header timer starts at once (saving a channel and a wake-up per request).
+        let (sent_tx, mut sent_rx) = if has_body {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let mut request = Request::from_parts(
             parts,
             RequestBody::new(Some(body), first, body_limit, sent_tx)
@@ -335,15 +342,30 @@ impl Proxy {
             // is never cut by it.
             let exchange = sender.try_send_request(request);
             tokio::pin!(exchange);
-            let result = tokio::select! {
-                result = &mut exchange => result,
-                _ = &mut sent_rx => {
-                    match tokio::time::timeout(settings.response_header_timeout, &mut exchange).await {
+            let answered_while_sending = match sent_rx.as_mut() {
+                Some(sent) => tokio::select! {
+                    result = &mut exchange => Some(result),
+                    _ = sent => None,
+                },
+                None => None,
+            };
+            if answered_while_sending.is_none() {
+                // The body is sent; a resend (should there be one) has none.
+                sent_rx = None;
+            }
+            let result = match answered_while_sending {
+                Some(result) => result,
+                None => {
+                    match tokio::time::timeout(settings.response_header_timeout, &mut exchange)
+                        .await
+                    {
                         Ok(result) => result,
-                        Err(_) => return Err(ProxyError::UpstreamTimeout {
-                            node: node.to_string(),
-                            secs: settings.response_header_timeout.as_secs(),
-                        }),
+                        Err(_) => {
+                            return Err(ProxyError::UpstreamTimeout {
+                                node: node.to_string(),
+                                secs: settings.response_header_timeout.as_secs(),
+                            })
+                        }
                     }
                 }
             };
@@ -375,9 +397,8 @@ impl Proxy {
                     retry_paid = false;
                     match &replay {
                         Some(replay) => {
-                            let (tx, rx) = oneshot::channel();
-                            sent_rx = rx;
-                            request = replay.request(RequestBody::new(None, None, None, tx));
+                            sent_rx = None;
+                            request = replay.request(RequestBody::new(None, None, None, None));
                         }
                         None => return Err(give_up(last_error)),
                     }
