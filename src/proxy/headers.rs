@@ -3,7 +3,7 @@
 //! repeated fields (several `Set-Cookie`) kept as they are.
 
 use hyper::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
+    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -106,21 +106,23 @@ pub fn add_forwarded(
     proto: &'static str,
     host: HeaderValue,
 ) {
-    let forwarded_for = {
-        let mut previous = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-        if previous.peek().is_none() {
-            client_ip.clone()
-        } else {
+    // Room for the four fields at once: one growth of the map at most, not one per field.
+    headers.reserve(4);
+    // One lookup serves both reading what came before and setting the new list.
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(client_ip.clone());
+        }
+        Entry::Occupied(mut entry) => {
             let mut joined: Vec<u8> = Vec::with_capacity(64);
-            for value in previous {
+            for value in entry.iter() {
                 joined.extend_from_slice(value.as_bytes());
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client_ip.clone())
+            entry.insert(HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client_ip.clone()));
         }
-    };
-    headers.insert(&X_FORWARDED_FOR, forwarded_for);
+    }
     headers.insert(&X_REAL_IP, client_ip.clone());
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     headers.insert(&X_FORWARDED_HOST, host);

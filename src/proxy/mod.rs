@@ -205,18 +205,25 @@ impl Proxy {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, mut body) = req.into_parts();
         // Origin form, byte for byte: the node gets the client's path and query untouched.
-        parts.uri = Uri::from(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        // An absolute-form or HTTP/2 target names the host itself, which then goes in `Host`;
+        // otherwise `Host` is where the host came from, and stays as it is.
+        let target_names_host = parts.uri.authority().is_some();
+        if target_names_host || parts.uri.scheme().is_some() {
+            parts.uri = Uri::from(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+        }
         parts.version = Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         // The Expect handshake is answered by the edge when the body is first read.
         parts.headers.remove(EXPECT);
-        parts.headers.insert(HOST, host.clone());
+        if target_names_host {
+            parts.headers.insert(HOST, host.clone());
+        }
         headers::add_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto, host);
 
         // A malformed chunked body must be refused before the node sees the request, so its
