@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by valgrind (callgrind): a figure that
+# does not move with the machine's load, so a change of 1-2 % in the proxy's own work shows
+# up, where timings on a shared machine spread by 10-20 %. Kernel time (about two thirds of
+# the CPU of a small request on loopback) is not in it: use benches/peers/run.sh for that.
+#
+#   bash benches/instructions.sh [BINARY...]
+#
+# With no argument it builds and measures ./target/release/clearml-edge; give several
+# binaries to compare builds. Each is run under callgrind twice, idle and with REQUESTS
+# (4000) keep-alive HTTP/1.1 requests over 8 connections (h2load) to one nginx upstream;
+# the difference divided by REQUESTS is printed, with the functions that cost the most when
+# TOP is set (e.g. TOP=25). Bounded: about a minute per binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS=${REQUESTS:-4000}
+PORT=18080
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need valgrind || ! need h2load || ! need nginx || ! need curl; then
+  apt-get update -qq
+  apt-get install -y -qq valgrind nghttp2-client nginx-light curl >/dev/null
+fi
+binaries=("$@")
+if [ ${#binaries[@]} -eq 0 ]; then
+  cargo build --release --quiet
+  binaries=(./target/release/clearml-edge)
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+for port in 30008 $PORT; do
+  if curl -s -o /dev/null "http://127.0.0.1:$port/"; then
+    echo "port $port is taken: stop what listens there first" >&2
+    exit 1
+  fi
+done
+cat > "$work/upstream.conf" <<EOF
+daemon off; master_process off; worker_processes 1; pid $work/upstream.pid;
+error_log $work/upstream.err;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:30008; location / { return 200 "ok\n"; } } }
+EOF
+nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
+cat > "$work/edge.toml" <<EOF
+domain = "example.com"
+[[listeners]]
+address = "127.0.0.1:$PORT"
+[discovery.static]
+nodes = ["127.0.0.1"]
+[health]
+interval = "1h"
+EOF
+
+# instructions BINARY REQUESTS -> total user-space instructions of one run
+instructions() {
+  local out="$work/callgrind.$2"
+  TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
+    "$1" run --config "$work/edge.toml" >/dev/null 2>"$work/valgrind.err" &
+  local pid=$!
+  pids+=("$pid")
+  for _ in $(seq 150); do
+    curl -s -o /dev/null -H 'Host: api.example.com' "http://127.0.0.1:$PORT/" && break
+    sleep 0.2
+  done
+  if [ "$2" -gt 0 ]; then
+    local done
+    done=$(h2load --h1 -n "$2" -c 8 -H ':authority: api.example.com' "http://127.0.0.1:$PORT/" |
+      awk '/^requests:/ {print $8}')
+    [ "$done" = "$2" ] || { echo "only $done of $2 requests succeeded" >&2; exit 1; }
+  fi
+  kill -TERM "$pid"
+  wait "$pid" || true
+  awk '/^(summary|totals):/ {print $2; exit}' "$out"
+}
+
+for binary in "${binaries[@]}"; do
+  idle=$(instructions "$binary" 0)
+  loaded=$(instructions "$binary" "$REQUESTS")
+  awk -v b="$binary" -v i="$idle" -v l="$loaded" -v n="$REQUESTS" \
+    'BEGIN { printf "%s: %.0f instructions per request\n", b, (l - i) / n }'
+  if [ -n "${TOP:-}" ]; then
+    callgrind_annotate --inclusive=no "$work/callgrind.$REQUESTS" 2>/dev/null |
+      grep -E '^ *[0-9,]+ \(' | sed -n "2,$((TOP + 1))p"
+  fi
+done
