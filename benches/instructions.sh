@@ -15,7 +15,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REQUESTS=${REQUESTS:-4000}
+TOP=${TOP:-0}
 PORT=18080
+if ! [[ "$REQUESTS" =~ ^[1-9][0-9]*$ && "$TOP" =~ ^[0-9]+$ ]]; then
+  echo "REQUESTS must be a positive number and TOP a number" >&2
+  exit 1
+fi
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need valgrind || ! need h2load || ! need nginx || ! need curl; then
@@ -51,6 +56,8 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:30008; location / { return 200 "ok\n"; } } }
 EOF
 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
+for _ in $(seq 50); do curl -sf -o /dev/null http://127.0.0.1:30008/ && break; sleep 0.1; done
+curl -sf -o /dev/null http://127.0.0.1:30008/ || { echo "the upstream nginx did not start" >&2; exit 1; }
 cat > "$work/edge.toml" <<EOF
 domain = "example.com"
 [[listeners]]
@@ -61,34 +68,48 @@ nodes = ["127.0.0.1"]
 interval = "1h"
 EOF
 
-# instructions BINARY REQUESTS -> total user-space instructions of one run
-instructions() {
+# count BINARY REQUESTS: runs BINARY under callgrind, sends REQUESTS requests (none for the
+# start-up baseline) and sets `counted` to the user-space instructions of the whole run. Not
+# run in a subshell, so the cleanup above knows the process.
+count() {
   local out="$work/callgrind.$2"
   TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$1" run --config "$work/edge.toml" >/dev/null 2>"$work/valgrind.err" &
   local pid=$!
   pids+=("$pid")
+  local ready=
   for _ in $(seq 150); do
-    curl -s -o /dev/null -H 'Host: api.example.com' "http://127.0.0.1:$PORT/" && break
+    curl -sf -o /dev/null -H 'Host: api.example.com' "http://127.0.0.1:$PORT/" && { ready=1; break; }
     sleep 0.2
   done
+  if [ -z "$ready" ]; then
+    echo "$1 did not answer through the proxy within 30 s:" >&2
+    tail -5 "$work/valgrind.err" >&2
+    exit 1
+  fi
   if [ "$2" -gt 0 ]; then
     local done
     done=$(h2load --h1 -n "$2" -c 8 -H ':authority: api.example.com' "http://127.0.0.1:$PORT/" |
       awk '/^requests:/ {print $8}')
-    [ "$done" = "$2" ] || { echo "only $done of $2 requests succeeded" >&2; exit 1; }
+    [ "$done" = "$2" ] || { echo "only ${done:-0} of $2 requests succeeded" >&2; exit 1; }
   fi
   kill -TERM "$pid"
   wait "$pid" || true
-  awk '/^(summary|totals):/ {print $2; exit}' "$out"
+  counted=$(awk '/^(summary|totals):/ {print $2; exit}' "$out" 2>/dev/null || true)
+  if [ -z "$counted" ]; then
+    echo "no callgrind count from $1:" >&2
+    tail -5 "$work/valgrind.err" >&2
+    exit 1
+  fi
 }
 
 for binary in "${binaries[@]}"; do
-  idle=$(instructions "$binary" 0)
-  loaded=$(instructions "$binary" "$REQUESTS")
-  awk -v b="$binary" -v i="$idle" -v l="$loaded" -v n="$REQUESTS" \
+  count "$binary" 0
+  idle=$counted
+  count "$binary" "$REQUESTS"
+  awk -v b="$binary" -v i="$idle" -v l="$counted" -v n="$REQUESTS" \
     'BEGIN { printf "%s: %.0f instructions per request\n", b, (l - i) / n }'
-  if [ -n "${TOP:-}" ]; then
+  if [ "${TOP:-0}" -gt 0 ]; then
     callgrind_annotate --inclusive=no "$work/callgrind.$REQUESTS" 2>/dev/null |
       grep -E '^ *[0-9,]+ \(' | sed -n "2,$((TOP + 1))p"
   fi

@@ -176,6 +176,60 @@ async fn upload_streams_before_the_client_has_sent_the_last_byte() {
 }
 
 #[tokio::test]
+async fn an_upload_pausing_longer_than_the_response_header_timeout_is_not_cut() {
+    // The response-header timer must start only once the body is fully sent: the client
+    // pauses mid-upload for three times the timeout, and the node still answers.
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<usize>();
+    let upstream = Upstream::start("127.0.0.1:0", move |req: Request<hyper::body::Incoming>| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let mut body = req.into_body();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                if let Ok(Ok(data)) = frame.map(|f| f.into_data()) {
+                    total += data.len();
+                    let _ = seen_tx.send(total);
+                }
+            }
+            Response::new(full(total.to_string()))
+        }
+    })
+    .await;
+    let proxy = proxy(&config(
+        &format!("[routes.files]\nport = {}\n", upstream.port()),
+        &["127.0.0.1"],
+        "[timeouts]\nupstream_response_header = \"200ms\"\n",
+    ))
+    .await;
+    let (tx, body) = channel_body();
+    let proxy_addr = addr(&proxy);
+    let request = tokio::spawn(async move {
+        send(
+            &client(),
+            proxy_addr,
+            Method::PUT,
+            "files.example.com",
+            "/",
+            body,
+        )
+        .await
+    });
+    tx.send(Bytes::from_static(b"first half ")).await.unwrap();
+    assert_eq!(
+        seen_rx.recv().await,
+        Some(11),
+        "the node has the first half"
+    );
+    // The pause is the scenario under test, not a wait for an event.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    tx.send(Bytes::from_static(b"second half")).await.unwrap();
+    drop(tx);
+    let (status, _, body) = request.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "22");
+}
+
+#[tokio::test]
 async fn download_streams_before_the_node_has_sent_the_last_byte() {
     let (release_tx, release_rx) = mpsc::channel::<Bytes>(1);
     let release_rx = std::sync::Arc::new(tokio::sync::Mutex::new(Some(release_rx)));

@@ -31,9 +31,8 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// `keep_upgrade`, `Upgrade` survives and `Connection: upgrade` is set again, so a WebSocket
 /// handshake reaches the other side intact.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // One pass over the names (a known name compares as an integer) finds which of the fixed
-    // fields are there, so only those are looked up to be removed: a typical head carries
-    // none, or only `Connection`.
+    // One pass over the names finds which of the fixed fields are there, so only those are
+    // looked up to be removed: a typical head carries none, or only `Connection`.
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
         if let Some(i) = hop_by_hop_index(name) {
@@ -176,6 +175,29 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h.len(), 4);
+    }
+
+    #[test]
+    fn fields_named_by_any_connection_line_go_and_upgrade_can_stay() {
+        let mut h = map(&[
+            ("connection", "close"),
+            ("connection", "X-Hop"),
+            ("x-hop", "1"),
+            ("x-end", "2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end"]);
+
+        let mut h = map(&[
+            ("connection", "Upgrade, X-Hop"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.get("x-hop").is_none());
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
     }
 
     #[test]

@@ -345,8 +345,8 @@ impl Proxy {
                     continue;
                 }
             };
-            // The response-header timer starts once the body is fully sent, so a long upload
-            // is never cut by it.
+            // The response-header timer starts once the body is fully sent (at once for a
+            // request without one), so a long upload is never cut by it.
             let exchange = sender.try_send_request(request);
             tokio::pin!(exchange);
             let answered_while_sending = match sent_rx.as_mut() {
