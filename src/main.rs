@@ -9,7 +9,7 @@ use clearml_edge::{Config, Settings};
 
 /// jemalloc rather than the system allocator: with 10 000 idle keep-alive connections it
 /// held 11.7 KiB per connection against glibc's 13.9 (1.4 against 5.5 for a connection that
-/// has sent nothing yet), and 8 % fewer instructions per request. mimalloc was measured too
+/// has sent nothing yet), and 5 % fewer instructions per request. mimalloc was measured too
 /// and held more (README, Performance).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
