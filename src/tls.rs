@@ -54,7 +54,7 @@ pub struct LoadedCert {
     /// Seconds since the Unix epoch.
     pub not_after: i64,
     /// The raw file contents, to tell whether a reload changed anything.
-    source: (Vec<u8>, Vec<u8>),
+    source: PemPair,
 }
 
 impl LoadedCert {
@@ -82,7 +82,21 @@ pub struct CertStore {
 impl CertStore {
     /// Loads every configured certificate; any problem fails the whole load.
     pub fn load(files: &[CertificateFiles]) -> Result<CertStore, TlsError> {
-        let certs = files.iter().map(load_cert).collect::<Result<Vec<_>, _>>()?;
+        let sources = read_sources(files)?;
+        CertStore::from_sources(files, sources)
+    }
+
+    /// Builds the store from the files' bytes as read, so what was compared with the
+    /// running store is what gets loaded, even when a file changes meanwhile.
+    fn from_sources(
+        files: &[CertificateFiles],
+        sources: Vec<PemPair>,
+    ) -> Result<CertStore, TlsError> {
+        let certs = files
+            .iter()
+            .zip(sources)
+            .map(|(files, (cert_pem, key_pem))| load_cert(files, cert_pem, key_pem))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(CertStore { certs })
     }
 
@@ -102,7 +116,7 @@ impl CertStore {
     }
 
     /// True when a reload would read the same bytes again.
-    fn same_sources(&self, other: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    fn same_sources(&self, other: &[PemPair]) -> bool {
         self.certs.len() == other.len() && self.certs.iter().zip(other).all(|(c, o)| &c.source == o)
     }
 }
@@ -115,9 +129,27 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn load_cert(files: &CertificateFiles) -> Result<LoadedCert, TlsError> {
-    let cert_pem = read(&files.cert, "certificate chain")?;
-    let key_pem = read(&files.key, "private key")?;
+/// A certificate chain and its private key, as read from their PEM files.
+type PemPair = (Vec<u8>, Vec<u8>);
+
+/// Each configured certificate chain and key, as bytes.
+fn read_sources(files: &[CertificateFiles]) -> Result<Vec<PemPair>, TlsError> {
+    files
+        .iter()
+        .map(|f| {
+            Ok((
+                read(&f.cert, "certificate chain")?,
+                read(&f.key, "private key")?,
+            ))
+        })
+        .collect()
+}
+
+fn load_cert(
+    files: &CertificateFiles,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+) -> Result<LoadedCert, TlsError> {
     let bad_cert = |problem: String| TlsError {
         file: files.cert.clone(),
         problem,
@@ -267,17 +299,11 @@ impl Tls {
     }
 
     fn reload_inner(&self) -> Result<bool, TlsError> {
-        let mut sources = Vec::with_capacity(self.files.len());
-        for f in &self.files {
-            sources.push((
-                read(&f.cert, "certificate chain")?,
-                read(&f.key, "private key")?,
-            ));
-        }
+        let sources = read_sources(&self.files)?;
         if self.store.load().same_sources(&sources) {
             return Ok(false);
         }
-        let store = CertStore::load(&self.files)?;
+        let store = CertStore::from_sources(&self.files, sources)?;
         self.store.store(Arc::new(store));
         Ok(true)
     }
