@@ -704,6 +704,8 @@ async fn until_shutdown<C: GracefulConnection>(
     mut shutdown: watch::Receiver<bool>,
 ) -> hyper::Result<()> {
     tokio::select! {
+        // The connection first: it is what wakes this task, for every request.
+        biased;
         result = connection.as_mut() => return result,
         _ = shutdown_requested(&mut shutdown) => {}
     }
