@@ -4,6 +4,7 @@
 mod support;
 
 use bytes::Bytes;
+use clearml_edge::RunningServer;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -118,11 +119,12 @@ async fn range_request_gets_its_206() {
     assert!(answer.ends_with("\r\n\r\n0123456789"), "{answer}");
 }
 
-#[tokio::test]
-async fn upload_streams_before_the_client_has_sent_the_last_byte() {
-    // The node reports each chunk as it arrives; the client sends the next only after the
-    // node has seen the previous one, so the test can only pass if nothing is buffered.
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<usize>();
+/// A node that reports how many body bytes it has received after each chunk and answers
+/// with the total, behind a proxy routing `files.` to it with `extra` configuration.
+async fn counting_node_behind_proxy(
+    extra: &str,
+) -> (Upstream, RunningServer, mpsc::UnboundedReceiver<usize>) {
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel::<usize>();
     let upstream = Upstream::start("127.0.0.1:0", move |req: Request<hyper::body::Incoming>| {
         let seen_tx = seen_tx.clone();
         async move {
@@ -141,22 +143,43 @@ async fn upload_streams_before_the_client_has_sent_the_last_byte() {
     let proxy = proxy(&config(
         &format!("[routes.files]\nport = {}\n", upstream.port()),
         &["127.0.0.1"],
-        "",
+        extra,
     ))
     .await;
+    (upstream, proxy, seen_rx)
+}
+
+/// Starts an upload to `files.` through the proxy whose body is what the returned sender
+/// sends, until it is dropped.
+fn streamed_upload(
+    proxy: &RunningServer,
+    method: Method,
+) -> (
+    mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<(StatusCode, hyper::HeaderMap, Bytes)>,
+) {
     let (tx, body) = channel_body();
-    let proxy_addr = addr(&proxy);
+    let proxy_addr = addr(proxy);
     let request = tokio::spawn(async move {
         send(
             &client(),
             proxy_addr,
-            Method::POST,
+            method,
             "files.example.com",
             "/",
             body,
         )
         .await
     });
+    (tx, request)
+}
+
+#[tokio::test]
+async fn upload_streams_before_the_client_has_sent_the_last_byte() {
+    // The node reports each chunk as it arrives; the client sends the next only after the
+    // node has seen the previous one, so the test can only pass if nothing is buffered.
+    let (_node, proxy, mut seen_rx) = counting_node_behind_proxy("").await;
+    let (tx, request) = streamed_upload(&proxy, Method::POST);
     let chunk = Bytes::from(vec![7u8; 256 * 1024]);
     let chunks = 64; // 16 MiB in all
     for i in 1..=chunks {
@@ -179,41 +202,9 @@ async fn upload_streams_before_the_client_has_sent_the_last_byte() {
 async fn an_upload_pausing_longer_than_the_response_header_timeout_is_not_cut() {
     // The response-header timer must start only once the body is fully sent: the client
     // pauses mid-upload for three times the timeout, and the node still answers.
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<usize>();
-    let upstream = Upstream::start("127.0.0.1:0", move |req: Request<hyper::body::Incoming>| {
-        let seen_tx = seen_tx.clone();
-        async move {
-            let mut body = req.into_body();
-            let mut total = 0usize;
-            while let Some(frame) = body.frame().await {
-                if let Ok(Ok(data)) = frame.map(|f| f.into_data()) {
-                    total += data.len();
-                    let _ = seen_tx.send(total);
-                }
-            }
-            Response::new(full(total.to_string()))
-        }
-    })
-    .await;
-    let proxy = proxy(&config(
-        &format!("[routes.files]\nport = {}\n", upstream.port()),
-        &["127.0.0.1"],
-        "[timeouts]\nupstream_response_header = \"200ms\"\n",
-    ))
-    .await;
-    let (tx, body) = channel_body();
-    let proxy_addr = addr(&proxy);
-    let request = tokio::spawn(async move {
-        send(
-            &client(),
-            proxy_addr,
-            Method::PUT,
-            "files.example.com",
-            "/",
-            body,
-        )
-        .await
-    });
+    let (_node, proxy, mut seen_rx) =
+        counting_node_behind_proxy("[timeouts]\nupstream_response_header = \"200ms\"\n").await;
+    let (tx, request) = streamed_upload(&proxy, Method::PUT);
     tx.send(Bytes::from_static(b"first half ")).await.unwrap();
     assert_eq!(
         seen_rx.recv().await,

@@ -40,7 +40,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
     }
     let names_more = |value: &HeaderValue| {
-        !["keep-alive", "close", "upgrade"]
+        !USUAL_CONNECTION_TOKENS
             .iter()
             .any(|usual| value.as_bytes().eq_ignore_ascii_case(usual.as_bytes()))
     };
@@ -48,7 +48,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // Only fields beyond the usual tokens need a name built; most heads have none.
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| {
-                !["close", "keep-alive", "upgrade"]
+                !USUAL_CONNECTION_TOKENS
                     .iter()
                     .any(|k| t.eq_ignore_ascii_case(k))
             })
@@ -69,6 +69,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
+
+/// `Connection` tokens that name no field to remove.
+const USUAL_CONNECTION_TOKENS: [&str; 3] = ["keep-alive", "close", "upgrade"];
 
 /// The fixed hop-by-hop fields (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and
 /// `Proxy-Connection`).

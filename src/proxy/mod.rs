@@ -356,13 +356,11 @@ impl Proxy {
                 },
                 None => None,
             };
-            if answered_while_sending.is_none() {
-                // The body is sent; a resend (should there be one) has none.
-                sent_rx = None;
-            }
             let result = match answered_while_sending {
                 Some(result) => result,
                 None => {
+                    // The body is sent (or there was none): nothing is left to wait for.
+                    sent_rx = None;
                     match tokio::time::timeout(settings.response_header_timeout, &mut exchange)
                         .await
                     {
@@ -404,7 +402,6 @@ impl Proxy {
                     retry_paid = false;
                     match &replay {
                         Some(replay) => {
-                            sent_rx = None;
                             request = replay.request(RequestBody::new(None, None, None, None));
                         }
                         None => return Err(give_up(last_error)),
