@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What the watcher found, shared with the request handler of the same connection.
@@ -38,13 +39,15 @@ impl FramingReport {
     }
 }
 
-/// A client stream whose reads are followed by a [`Scanner`]; bytes already read from the
-/// stream (to tell the protocol) are served first.
+/// A client stream whose reads are followed by a [`Scanner`]; bytes already taken from the
+/// stream (to tell the protocol, or left over by a finished HTTP/1.1 connection) are served
+/// first.
 pub struct WatchedStream<T> {
     inner: T,
     scanner: Scanner,
-    first: Vec<u8>,
-    first_served: usize,
+    first: Bytes,
+    /// Bytes of `first` from this index on have not been through the scanner yet.
+    unscanned_from: usize,
 }
 
 impl<T> WatchedStream<T> {
@@ -53,10 +56,38 @@ impl<T> WatchedStream<T> {
         let stream = WatchedStream {
             inner,
             scanner: Scanner::new(report.clone()),
-            first,
-            first_served: 0,
+            first: Bytes::from(first),
+            unscanned_from: 0,
         };
         (stream, report)
+    }
+
+    /// Puts back bytes read from this stream but not consumed (a finished connection's read
+    /// buffer): they are served again, ahead of anything not yet served, and not scanned
+    /// twice.
+    pub fn unread(&mut self, leftover: Bytes) {
+        if leftover.is_empty() {
+            return;
+        }
+        if self.first.is_empty() {
+            self.first = leftover;
+            self.unscanned_from = usize::MAX;
+            return;
+        }
+        let mut joined = Vec::with_capacity(leftover.len() + self.first.len());
+        joined.extend_from_slice(&leftover);
+        joined.extend_from_slice(&self.first);
+        self.unscanned_from = leftover.len() + self.unscanned_from.min(self.first.len());
+        self.first = Bytes::from(joined);
+    }
+
+    /// True when bytes put back or read ahead are waiting to be served.
+    pub fn has_buffered(&self) -> bool {
+        !self.first.is_empty()
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 }
 
@@ -68,17 +99,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for WatchedStream<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let this = &mut *self;
-        if this.first_served < this.first.len() {
-            let rest = &this.first[this.first_served..];
-            let take = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..take]);
-            this.first_served += take;
-            if this.first_served == this.first.len() {
+        if !this.first.is_empty() {
+            let take = this.first.len().min(buf.remaining());
+            let served = this.first.split_to(take);
+            buf.put_slice(&served);
+            let scan_from = this.unscanned_from.min(take);
+            this.scanner.feed(&served[scan_from..]);
+            this.unscanned_from = this.unscanned_from.saturating_sub(take);
+            if this.first.is_empty() {
                 // Served whole: give the memory back for the connection's idle life.
-                this.first = Vec::new();
-                this.first_served = 0;
+                this.first = Bytes::new();
+                this.unscanned_from = 0;
             }
-            this.scanner.feed(&buf.filled()[before..]);
             return Poll::Ready(Ok(()));
         }
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -388,6 +420,38 @@ fn trim(bytes: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    const CLEAN: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    const AMBIGUOUS: &[u8] =
+        b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    #[tokio::test]
+    async fn bytes_put_back_are_served_again_but_not_scanned_again() {
+        let (mut stream, report) = WatchedStream::new(&b""[..], CLEAN.to_vec());
+        let mut head = vec![0u8; CLEAN.len()];
+        stream.read_exact(&mut head).await.unwrap();
+        // Stands for bytes the scanner saw when they were first read.
+        stream.unread(Bytes::from_static(AMBIGUOUS));
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, AMBIGUOUS);
+        assert!(!report.is_ambiguous(1), "put-back bytes were scanned");
+    }
+
+    #[tokio::test]
+    async fn bytes_put_back_go_before_what_was_never_served() {
+        let first = [CLEAN, AMBIGUOUS].concat();
+        let (mut stream, report) = WatchedStream::new(&b""[..], first.clone());
+        let mut start = [0u8; 10];
+        stream.read_exact(&mut start).await.unwrap();
+        stream.unread(Bytes::copy_from_slice(&start));
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, first);
+        // The part never served was scanned, once: the second head is the ambiguous one.
+        assert!(report.is_ambiguous(1));
+    }
 
     fn ambiguous_ordinal(stream: &[u8], split: usize) -> Option<u64> {
         let report = Arc::new(FramingReport::new());

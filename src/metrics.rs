@@ -153,6 +153,7 @@ pub struct Metrics {
     bytes_in: Family<RouteLabel, Counter>,
     bytes_out: Family<RouteLabel, Counter>,
     pub open_connections: Gauge,
+    pub parked_connections: Gauge,
     pub connect_errors: Family<NodeLabels, Counter>,
     pub retries: Family<NodeLabels, Counter>,
     pub healthy_nodes: Family<RouteLabel, Gauge>,
@@ -179,6 +180,7 @@ impl Metrics {
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             open_connections: Gauge::default(),
+            parked_connections: Gauge::default(),
             connect_errors: Family::default(),
             retries: Family::default(),
             healthy_nodes: Family::default(),
@@ -214,6 +216,11 @@ impl Metrics {
             "open_connections",
             "Client connections open now",
             m.open_connections.clone(),
+        );
+        registry.register(
+            "parked_connections",
+            "HTTP/1.1 client connections idle between requests, holding no buffers",
+            m.parked_connections.clone(),
         );
         registry.register(
             "upstream_connect_errors",

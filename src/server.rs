@@ -1,25 +1,31 @@
 //! Listeners, the accept loop, the connection limit and graceful shutdown.
 //!
-//! Each accepted connection is served by hyper's HTTP/1.1 (upgrades allowed) or HTTP/2
-//! server, chosen by ALPN on TLS and by the first bytes on a plain listener (HTTP/2 with
-//! prior knowledge). Each holds one permit of the connection limit. On shutdown the
-//! listeners close, idle connections close, and in-flight requests get up to the drain
-//! timeout to finish: the drain waits until every permit is back (the mini-redis shape: a
-//! signal, then wait for the last connection to end).
+//! Each accepted connection is served by hyper's HTTP/1.1 or HTTP/2 server, chosen by ALPN
+//! on TLS and by the first bytes on a plain listener (HTTP/2 with prior knowledge). An
+//! HTTP/1.1 connection idle between requests is parked: hyper's connection and its buffers
+//! are dropped and the next request's first byte is awaited with none (an upgrade's tunnel
+//! also runs in the connection's own task). Each holds one permit of the connection limit.
+//! On shutdown the listeners close, idle connections close, and in-flight requests get up to
+//! the drain timeout to finish: the drain waits until every permit is back (the mini-redis
+//! shape: a signal, then wait for the last connection to end).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
 use hyper::header::HeaderValue;
+use hyper::server::conn::http1::Parts;
 use hyper::server::conn::{http1, http2};
-use hyper::service::{service_fn, HttpService};
+use hyper::service::HttpService;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -30,6 +36,8 @@ use crate::config::{ListenerMode, NodeSource, Settings};
 use crate::discovery::DiscoveryStatus;
 use crate::framing::WatchedStream;
 use crate::metrics::{Metrics, ResultLabel};
+use crate::proxy::body::ResponseBody;
+use crate::proxy::client::Ledger;
 use crate::proxy::{ClientConn, Proxy};
 use crate::routing::RouteTable;
 use crate::snapshot::{ProxySettings, Publisher};
@@ -324,6 +332,8 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
 struct ConnectionBuilders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// How long an HTTP/1.1 connection may wait for its next request.
+    keepalive_idle: Duration,
 }
 
 impl ConnectionBuilders {
@@ -345,7 +355,11 @@ impl ConnectionBuilders {
             )
             .keep_alive_interval(Some(config.timeouts.idle_keepalive / 2))
             .keep_alive_timeout(Duration::from_secs(20));
-        ConnectionBuilders { http1, http2 }
+        ConnectionBuilders {
+            http1,
+            http2,
+            keepalive_idle: config.timeouts.client_header,
+        }
     }
 }
 
@@ -543,7 +557,7 @@ async fn serve_plain(
         return;
     };
     let client = open.context.setup(peer, None);
-    serve_connection(stream, first, protocol, client, served, Arc::new(open)).await;
+    serve_connection(stream, first, protocol, client, served, open).await;
 }
 
 async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, served: ServedBy) {
@@ -583,7 +597,7 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, se
         }
     };
     let client = context.setup(peer, sni);
-    serve_connection(tls_stream, first, protocol, client, served, Arc::new(open)).await;
+    serve_connection(tls_stream, first, protocol, client, served, open).await;
 }
 
 /// Everything about a client connection except the framing report, which exists only once
@@ -601,54 +615,42 @@ async fn serve_connection<S>(
     protocol: Protocol,
     client: ConnSetup,
     served: ServedBy,
-    slot: Arc<OpenConnection>,
+    open: OpenConnection,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AwaitReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (stream, framing) = WatchedStream::new(stream, first);
     let peer = client.peer;
-    let client = Arc::new(ClientConn {
+    let tls = client.mode == ListenerMode::Tls;
+    let client = Arc::new(ClientConn::new(
         peer,
-        peer_ip: ClientConn::render_ip(peer),
-        proto: if client.mode == ListenerMode::Tls {
-            "https"
-        } else {
-            "http"
-        },
-        sni: client.sni,
-        redirect_https_port: match client.mode {
+        if tls { "https" } else { "http" },
+        client.sni,
+        match client.mode {
             ListenerMode::RedirectToHttps { https_port } => Some(https_port),
             _ => None,
         },
-        hsts: if client.mode == ListenerMode::Tls {
-            client.hsts
-        } else {
-            None
-        },
+        if tls { client.hsts } else { None },
         framing,
-        requests: Default::default(),
-        slot,
-    });
+    ));
     let ServedBy {
         proxy,
         builders,
         shutdown,
     } = served;
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        let client = client.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
-    });
-    let io = TokioIo::new(stream);
-    // Boxed: hyper's connection state is a few KiB, and a task's future is copied as it is
-    // spawned and as it finishes; in a box it is written once.
+    let service = ProxyService { proxy, client };
     let result = match protocol {
         Protocol::Http1 => {
-            let connection = Box::pin(builders.http1.serve_connection(io, service).with_upgrades());
-            until_shutdown(connection, shutdown).await
+            serve_http1(stream, service, &builders, shutdown, &open.context.metrics).await
         }
         Protocol::Http2 => {
-            let connection = Box::pin(builders.http2.serve_connection(io, service));
+            // Boxed: hyper's connection state is a few KiB, and a task's future is copied as
+            // it is spawned and as it finishes; in a box it is written once.
+            let connection = Box::pin(
+                builders
+                    .http2
+                    .serve_connection(TokioIo::new(stream), service),
+            );
             until_shutdown(connection, shutdown).await
         }
     };
@@ -663,25 +665,193 @@ async fn serve_connection<S>(
     }
 }
 
+/// Hands each request of a connection to the proxy. The future is boxed so the HTTP/1.1
+/// loop can poll hyper's connection by hand (`poll_without_shutdown` wants it `Unpin`); the
+/// box also keeps a request's state out of the connection while none is in flight.
+#[derive(Clone)]
+struct ProxyService {
+    proxy: Arc<Proxy>,
+    client: Arc<ClientConn>,
+}
+
+type Answer = Result<Response<ResponseBody>, Infallible>;
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let client = self.client.clone();
+        Box::pin(async move { Ok(proxy.handle(req, &client).await) })
+    }
+}
+
+/// A client stream whose readiness can be awaited without a read buffer, so a connection
+/// between requests holds none.
+trait AwaitReadable {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_;
+}
+
+impl AwaitReadable for TcpStream {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        TcpStream::readable(self)
+    }
+}
+
+impl AwaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        let (tcp, session) = self.get_ref();
+        // Plaintext rustls has already decrypted (or a close it has seen) is there to read
+        // now; otherwise the next bytes must come from the socket.
+        let buffered = !session.wants_read();
+        async move {
+            if !buffered {
+                tcp.readable().await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Serves an HTTP/1.1 connection. Once it has been idle between requests for
+/// [`PARK_AFTER`], it is parked: hyper's connection is asked to finish (the ledger in
+/// [`crate::proxy::client`] says when that is safe), handing back the stream and any bytes
+/// it read ahead; the next request's first bytes are then awaited with no buffer at all, and
+/// a fresh hyper connection serves it. An upgrade's tunnel runs here too, on the stream
+/// hyper hands back after the 101.
+async fn serve_http1<S>(
+    mut stream: WatchedStream<S>,
+    service: ProxyService,
+    builders: &ConnectionBuilders,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> hyper::Result<()>
+where
+    S: AwaitReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let client = service.client.clone();
+    let mut stop = std::pin::pin!(shutdown_requested(&mut shutdown));
+    let mut stopping = false;
+    loop {
+        let mut connection = Box::new(
+            builders
+                .http1
+                .serve_connection(TokioIo::new(stream), service.clone()),
+        );
+        let mut parking = false;
+        let mut idle = IdleWatch::new(client.ledger.answered());
+        std::future::poll_fn(|cx| loop {
+            // The connection first: it is what wakes this task, for every request.
+            if let Poll::Ready(done) = connection.poll_without_shutdown(cx) {
+                return Poll::Ready(done);
+            }
+            if !stopping && stop.as_mut().poll(cx).is_ready() {
+                // Shutdown: an idle connection closes now, a busy one after its exchange.
+                stopping = true;
+            } else if !stopping && !parking && idle.poll_idle(cx, &client.ledger) {
+                parking = true;
+            } else {
+                return Poll::Pending;
+            }
+            Pin::new(&mut *connection).graceful_shutdown();
+        })
+        .await?;
+        let Parts { io, read_buf, .. } = connection.into_parts();
+        stream = io.into_inner();
+        stream.unread(read_buf);
+        if let Some(tunnel) = client.take_tunnel() {
+            Box::pin(tunnel.run(stream)).await;
+            return Ok(());
+        }
+        if stopping || !parking {
+            // hyper ended the connection on its own (the client closed or asked to, or an
+            // HTTP/1.0 exchange), or the server is stopping.
+            Box::pin(close(stream, builders.keepalive_idle)).await;
+            return Ok(());
+        }
+        if !stream.has_buffered() {
+            metrics.parked_connections.inc();
+            let waited = tokio::select! {
+                biased;
+                ready = tokio::time::timeout(builders.keepalive_idle, stream.get_ref().readable()) => {
+                    matches!(ready, Ok(Ok(())))
+                }
+                _ = stop.as_mut() => false,
+            };
+            metrics.parked_connections.dec();
+            if !waited {
+                Box::pin(close(stream, builders.keepalive_idle)).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// How long an HTTP/1.1 connection stays idle between requests before it gives up hyper's
+/// buffers. Not at once: a busy keep-alive client sends its next request within
+/// milliseconds, and building hyper's connection again for each request would cost about a
+/// fifth more CPU per request (measured); an idle browser or SDK connection is parked
+/// within two of these.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Tells when a connection has been between requests for a whole tick of [`PARK_AFTER`]:
+/// no response since the last tick, and the ledger says nothing is owed either way. One
+/// timer per connection while hyper serves it, re-armed once a tick (never per request).
+struct IdleWatch {
+    tick: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    answered_at_start: u64,
+    answered_at_tick: u64,
+}
+
+impl IdleWatch {
+    fn new(answered: u64) -> Self {
+        IdleWatch {
+            tick: Box::pin(tokio::time::sleep(PARK_AFTER)),
+            armed: false,
+            answered_at_start: answered,
+            answered_at_tick: answered,
+        }
+    }
+
+    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>, ledger: &Ledger) -> bool {
+        if self.armed {
+            // A look at the timer's state, not a poll: polling it on every wake-up of a busy
+            // connection would register the waker again each time.
+            if !self.tick.is_elapsed() {
+                return false;
+            }
+            let answered = ledger.answered();
+            if answered == self.answered_at_tick && ledger.between_requests(self.answered_at_start)
+            {
+                return true;
+            }
+            self.answered_at_tick = answered;
+            self.tick
+                .as_mut()
+                .reset(tokio::time::Instant::now() + PARK_AFTER);
+        }
+        self.armed = true;
+        // Registers this task's waker with the timer; the deadline is ahead, so it is pending.
+        let _ = self.tick.as_mut().poll(cx);
+        false
+    }
+}
+
+/// Ends a connection the way hyper would: a FIN (and a TLS close_notify) after what was
+/// written, bounded in time for a client that reads nothing.
+async fn close<S: AsyncWrite + Unpin>(mut stream: S, within: Duration) {
+    let _ = tokio::time::timeout(within, stream.shutdown()).await;
+}
+
 /// A served connection that can be asked to finish its in-flight requests and close.
 trait GracefulConnection: Future<Output = hyper::Result<()>> {
     fn begin_shutdown(self: Pin<&mut Self>);
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl<I, B, S> GracefulConnection for http1::UpgradeableConnection<I, S>
-where
-    S: HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    fn begin_shutdown(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
 
 impl<I, B, S, E> GracefulConnection for http2::Connection<I, S, E>
 where

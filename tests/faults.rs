@@ -138,6 +138,27 @@ async fn content_length_with_transfer_encoding_is_400() {
     assert_eq!(targets, ["/1", "/2"]);
 }
 
+/// A request refused before reaching a node (no route for its host) still counts on the
+/// connection, so the raw-stream watcher's verdict on the next head is matched to the
+/// right request.
+#[tokio::test]
+async fn an_ambiguous_head_after_a_refused_request_is_still_400() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(&cluster, "").await;
+    let stream = [
+        b"GET / HTTP/1.1\r\nHost: nowhere.example.org\r\n\r\n".as_slice(),
+        b"POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ]
+    .concat();
+    let answer = raw(addr(&proxy), &stream).await;
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &answer[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["404", "400"], "{answer}");
+    assert!(cluster.api.seen().is_empty());
+}
+
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let release = Arc::new(Notify::new());

@@ -11,32 +11,6 @@ use support::*;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-async fn scrape(proxy: &clearml_edge::RunningServer) -> String {
-    let admin = proxy.admin_addr().expect("admin listener");
-    let (status, headers, body) = send(
-        &client(),
-        admin,
-        Method::GET,
-        "localhost",
-        "/metrics",
-        full(""),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    assert!(headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("application/openmetrics-text"));
-    String::from_utf8(body.to_vec()).unwrap()
-}
-
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn counters_move_by_exactly_what_was_sent() {
     let cluster = Cluster::echo().await;

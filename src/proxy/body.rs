@@ -9,6 +9,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::oneshot;
 
+use super::client::BodyReadMark;
 use crate::metrics::RequestRecord;
 use crate::snapshot::InFlightGuard;
 use crate::upstream::Sender;
@@ -38,6 +39,8 @@ pub struct RequestBody {
     bytes_in: Option<prometheus_client::metrics::counter::Counter>,
     /// Fires when the body is complete (or abandoned), starting the response-header timer.
     sent: Option<oneshot::Sender<()>>,
+    /// Tells the client connection the body was read to its end (never when abandoned).
+    read_mark: Option<BodyReadMark>,
 }
 
 impl RequestBody {
@@ -58,6 +61,7 @@ impl RequestBody {
             seen,
             bytes_in: None,
             sent,
+            read_mark: None,
         }
     }
 
@@ -68,6 +72,24 @@ impl RequestBody {
         }
         self.bytes_in = Some(counter);
         self
+    }
+
+    pub fn marks_read(mut self, mark: BodyReadMark) -> Self {
+        if self.is_end_stream() {
+            // Already whole (an empty chunked body): hyper will not poll it.
+            mark.mark();
+        } else {
+            self.read_mark = Some(mark);
+        }
+        self
+    }
+
+    /// The client's body has been read to its end.
+    fn complete(&mut self) {
+        if let Some(mark) = self.read_mark.take() {
+            mark.mark();
+        }
+        self.finish();
     }
 
     fn finish(&mut self) {
@@ -87,10 +109,13 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(frame) = this.first.take() {
+            if this.inner.as_ref().is_none_or(Incoming::is_end_stream) {
+                this.complete();
+            }
             return Poll::Ready(Some(Ok(*frame)));
         }
         let Some(inner) = this.inner.as_mut() else {
-            this.finish();
+            this.complete();
             return Poll::Ready(None);
         };
         let polled = match Pin::new(inner).poll_frame(cx) {
@@ -99,7 +124,7 @@ impl Body for RequestBody {
         };
         match polled {
             None => {
-                this.finish();
+                this.complete();
                 Poll::Ready(None)
             }
             Some(Err(e)) => {
@@ -118,7 +143,7 @@ impl Body for RequestBody {
                     }
                 }
                 if this.inner.as_ref().is_none_or(Incoming::is_end_stream) {
-                    this.finish();
+                    this.complete();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -17,6 +17,12 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
+/// True when the `Connection` header carries the `close` token: the client will send nothing
+/// more on this connection.
+pub fn asks_to_close(headers: &HeaderMap) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("close"))
+}
+
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(CONNECTION)

@@ -6,11 +6,11 @@
 //! boundary and rendered in one place.
 
 pub mod body;
+pub mod client;
 pub mod error;
 pub mod headers;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,48 +20,17 @@ use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, EXPECT, HOST, TRANSFER_ENCODING};
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 
 use crate::balance::{self, RetryBudget};
 use crate::config::Config;
-use crate::framing::FramingReport;
 use crate::metrics::{AccessEntry, Metrics, RequestRecord, RouteMetrics};
 use crate::routing::normalize_host;
-use crate::snapshot::{now_ms, Backend, InFlightGuard, Snapshot};
+use crate::snapshot::{now_ms, Backend, Snapshot};
 use body::{ClientBodyError, RequestBody, ResponseBody};
+pub use client::ClientConn;
+use client::PendingTunnel;
 pub use error::ProxyError;
-
-/// What the handler needs to know about the client connection a request came on.
-#[derive(Debug)]
-pub struct ClientConn {
-    pub peer: SocketAddr,
-    /// The peer's IP, rendered once per connection for the forwarding headers.
-    pub peer_ip: HeaderValue,
-    /// `http` or `https`, for `X-Forwarded-Proto`.
-    pub proto: &'static str,
-    /// The TLS server name the client asked for; a request for another host gets 421.
-    pub sni: Option<Box<str>>,
-    /// On a redirecting plain listener, the HTTPS port to send clients to.
-    pub redirect_https_port: Option<u16>,
-    /// `Strict-Transport-Security` for responses on this (TLS) connection.
-    pub hsts: Option<HeaderValue>,
-    /// What the raw-stream watcher saw of the request heads (HTTP/1.1).
-    pub framing: Arc<FramingReport>,
-    /// Requests dispatched so far on this connection, to match heads to requests.
-    pub requests: AtomicU64,
-    /// The connection's place in the connection limit, held by every task that serves the
-    /// connection, an upgraded tunnel included, so the limit and the shutdown drain count it
-    /// until the last of them ends.
-    pub slot: Arc<dyn std::any::Any + Send + Sync>,
-}
-
-impl ClientConn {
-    pub fn render_ip(peer: SocketAddr) -> HeaderValue {
-        HeaderValue::try_from(peer.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
-    }
-}
 
 /// The proxy service shared by every connection.
 pub struct Proxy {
@@ -94,6 +63,9 @@ impl Proxy {
         conn: &ClientConn,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
+        // Counted before anything can refuse the request, so ordinals match the raw stream's
+        // heads whatever the answer.
+        let ordinal = conn.ledger.begin(&req);
         // The one snapshot load of this request: routes, backends and settings together.
         let snapshot = self.snapshots.load_full();
         let access_log = snapshot.settings.access_log;
@@ -112,11 +84,7 @@ impl Proxy {
                 .unwrap_or_else(|| "-".into())
         });
         let mut outcome = Outcome::default();
-        // Boxed: the exchange's state (a few KiB) then lives only while a request is in
-        // flight, instead of in the slot hyper keeps for the whole life of each connection,
-        // and it is not copied as the future is moved into place.
-        let exchange = Box::pin(self.proxy(req, conn, snapshot, &mut outcome));
-        let mut response = match exchange.await {
+        let mut response = match self.proxy(req, ordinal, conn, snapshot, &mut outcome).await {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
@@ -154,12 +122,14 @@ impl Proxy {
             bytes_out: 0,
             access,
         });
+        conn.ledger.answer();
         response
     }
 
     async fn proxy(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
+        ordinal: u64,
         conn: &ClientConn,
         snapshot: Arc<Snapshot>,
         outcome: &mut Outcome,
@@ -188,7 +158,6 @@ impl Proxy {
         // Phase: check framing and limits before anything is sent upstream. hyper has refused
         // conflicting lengths and non-chunked codings; a head with both length fields is
         // only visible to the raw-stream watcher (hyper drops Content-Length from it).
-        let ordinal = conn.requests.fetch_add(1, Ordering::Relaxed);
         if conn.framing.is_ambiguous(ordinal) {
             return Err(ProxyError::AmbiguousLength);
         }
@@ -202,7 +171,6 @@ impl Proxy {
 
         // Phase: prepare the node-independent part of the upstream request.
         let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, mut body) = req.into_parts();
         // Origin form, byte for byte: the node gets the client's path and query untouched.
         // An absolute-form or HTTP/2 target names the host itself, which then goes in `Host`;
@@ -266,7 +234,8 @@ impl Proxy {
         let mut request = Request::from_parts(
             parts,
             RequestBody::new(Some(body), first, body_limit, sent_tx)
-                .count_into(pool.metrics.bytes_in.clone()),
+                .count_into(pool.metrics.bytes_in.clone())
+                .marks_read(conn.ledger.body_read_mark(ordinal)),
         );
         self.budget.deposit();
 
@@ -417,20 +386,20 @@ impl Proxy {
         // The client's hop speaks HTTP/1.1 (or h2) whatever version the node answered in.
         parts.version = Version::HTTP_11;
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
+            if !upgrade {
                 return Err(ProxyError::UnexpectedUpgrade {
                     node: node.to_string(),
                 });
-            };
+            }
             headers::strip_hop_by_hop(&mut parts.headers, true);
             let upstream_upgrade =
                 hyper::upgrade::on(Response::from_parts(parts.clone(), upstream_body));
-            tokio::spawn(tunnel(
-                client_upgrade,
-                upstream_upgrade,
+            // The client's side is free once the 101 is written: the connection's loop
+            // takes the tunnel from there.
+            conn.hand_over_tunnel(PendingTunnel {
+                upstream: upstream_upgrade,
                 in_flight,
-                conn.slot.clone(),
-            ));
+            });
             return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
         headers::strip_hop_by_hop(&mut parts.headers, false);
@@ -531,26 +500,4 @@ fn client_body_error(error: &hyper::Error) -> Option<ProxyError> {
         source = err.source();
     }
     None
-}
-
-/// Copies bytes both ways between an upgraded client and node until either side closes.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    in_flight: InFlightGuard,
-    slot: Arc<dyn std::any::Any + Send + Sync>,
-) {
-    let node = in_flight.backend().authority.clone();
-    match tokio::try_join!(client, upstream) {
-        Ok((client, upstream)) => {
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(%node, error = %e, "upgraded connection ended");
-            }
-        }
-        Err(e) => tracing::warn!(%node, error = %e, "upgrade failed"),
-    }
-    drop(in_flight);
-    drop(slot);
 }

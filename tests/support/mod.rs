@@ -275,6 +275,57 @@ pub async fn get(proxy: SocketAddr, host: &str, path: &str) -> (StatusCode, Head
     send(&client(), proxy, Method::GET, host, path, full("")).await
 }
 
+/// The proxy's `/metrics` text, from its admin listener.
+pub async fn scrape(proxy: &RunningServer) -> String {
+    let admin = proxy.admin_addr().expect("admin listener");
+    let (status, headers, body) = send(
+        &client(),
+        admin,
+        Method::GET,
+        "localhost",
+        "/metrics",
+        full(""),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// The value of one series in a metrics text.
+pub fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body from a raw stream: its head
+/// (lower-cased) and its body.
+pub async fn read_response(stream: &mut TcpStream) -> (String, String) {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = stream.read(&mut byte).await.expect("read response head");
+        assert_eq!(n, 1, "connection closed in a response head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().expect("content-length"));
+    let mut body = vec![0u8; length];
+    stream
+        .read_exact(&mut body)
+        .await
+        .expect("read response body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
 /// Writes raw bytes to the proxy and reads the answer until the proxy closes.
 pub async fn raw(proxy: SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(proxy).await.expect("connect proxy");

@@ -1,0 +1,131 @@
+//! Client connections between requests: an idle HTTP/1.1 keep-alive connection is parked
+//! (hyper's buffers given up, the next request awaited with none) and serves its next
+//! requests as before, pipelined ones and upgrades with early bytes included.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Bounds each wait so a regression fails instead of hanging; parking itself takes one to
+/// two seconds of idleness.
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn parked_connections(proxy: &clearml_edge::RunningServer) -> f64 {
+    value(&scrape(proxy).await, "clearml_edge_parked_connections").expect("parked gauge")
+}
+
+/// Waits until the proxy reports `n` parked connections.
+async fn until_parked(proxy: &clearml_edge::RunningServer, n: f64) {
+    let parked = async {
+        while parked_connections(proxy).await != n {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(LIMIT, parked)
+        .await
+        .unwrap_or_else(|_| panic!("never {n} parked connections"));
+}
+
+fn get_request(path: &str, host: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")
+}
+
+#[tokio::test]
+async fn an_idle_connection_parks_and_serves_its_next_requests() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(&cluster, "[admin]\naddress = \"127.0.0.1:0\"\n").await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    stream
+        .write_all(get_request("/one", "api.example.com").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(body, "api");
+    until_parked(&proxy, 1.0).await;
+
+    // The next request on the parked connection, then two pipelined in one write (the
+    // second is read ahead with the first and must be served from what was read).
+    stream
+        .write_all(get_request("/two", "api.example.com").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let pipelined = [
+        get_request("/three", "api.example.com"),
+        get_request("/four", "files.example.com"),
+    ]
+    .concat();
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    let (_, first) = read_response(&mut stream).await;
+    let (head, second) = read_response(&mut stream).await;
+    assert_eq!((first.as_str(), second.as_str()), ("api", "files"));
+    assert!(!head.contains("connection: close"), "{head}");
+    until_parked(&proxy, 1.0).await;
+
+    // Half a head arrives while parked, the rest later: one request all the same.
+    stream.write_all(b"GET /five HTTP/1.1\r\nHo").await.unwrap();
+    until_parked(&proxy, 0.0).await;
+    stream
+        .write_all(b"st: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let targets: Vec<String> = cluster.api.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/one", "/two", "/three", "/five"]);
+    assert_eq!(cluster.files.seen()[0].target, "/four");
+
+    // A client that closes a parked connection ends it.
+    until_parked(&proxy, 1.0).await;
+    drop(stream);
+    until_parked(&proxy, 0.0).await;
+}
+
+/// A WebSocket handshake on a connection that was parked, with the client's first frame in
+/// the same write: the frame was read ahead with the head and must reach the node.
+#[tokio::test]
+async fn an_upgrade_after_parking_carries_the_bytes_read_ahead() {
+    let ws_port = websocket_echo().await;
+    let api = Upstream::echo("127.0.0.1:0", "api").await;
+    let proxy = proxy(&config(
+        &format!(
+            "[routes.app]\nport = {ws_port}\n[routes.api]\nport = {}\n",
+            api.port()
+        ),
+        &["127.0.0.1"],
+        "[admin]\naddress = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    stream
+        .write_all(get_request("/", "api.example.com").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    until_parked(&proxy, 1.0).await;
+
+    // A masked text frame "hi" (mask key zero) right behind the handshake.
+    let frame = [0x81, 0x82, 0, 0, 0, 0, b'h', b'i'];
+    let handshake = "GET /ws HTTP/1.1\r\nHost: app.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    stream
+        .write_all(&[handshake.as_bytes(), &frame].concat())
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut stream).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(LIMIT, stream.read_exact(&mut echoed))
+        .await
+        .expect("echo within the limit")
+        .unwrap();
+    assert_eq!(echoed, [0x81, 0x02, b'h', b'i']);
+}
