@@ -34,29 +34,30 @@ fn get_request(path: &str, host: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")
 }
 
+/// Sends one GET on `stream` and reads its response, which must be a 200.
+async fn get_ok(stream: &mut TcpStream, path: &str, host: &str) -> (String, String) {
+    stream
+        .write_all(get_request(path, host).as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    (head, body)
+}
+
 #[tokio::test]
 async fn an_idle_connection_parks_and_serves_its_next_requests() {
     let cluster = Cluster::echo().await;
     let proxy = proxy_for(&cluster, "[admin]\naddress = \"127.0.0.1:0\"\n").await;
     let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
-    stream
-        .write_all(get_request("/one", "api.example.com").as_bytes())
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut stream).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (head, body) = get_ok(&mut stream, "/one", "api.example.com").await;
     assert!(!head.contains("connection: close"), "{head}");
     assert_eq!(body, "api");
     until_parked(&proxy, 1.0).await;
 
     // The next request on the parked connection, then two pipelined in one write (the
     // second is read ahead with the first and must be served from what was read).
-    stream
-        .write_all(get_request("/two", "api.example.com").as_bytes())
-        .await
-        .unwrap();
-    let (head, _) = read_response(&mut stream).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
+    get_ok(&mut stream, "/two", "api.example.com").await;
     let pipelined = [
         get_request("/three", "api.example.com"),
         get_request("/four", "files.example.com"),
@@ -104,12 +105,7 @@ async fn an_upgrade_after_parking_carries_the_bytes_read_ahead() {
     ))
     .await;
     let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
-    stream
-        .write_all(get_request("/", "api.example.com").as_bytes())
-        .await
-        .unwrap();
-    let (head, _) = read_response(&mut stream).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
+    get_ok(&mut stream, "/", "api.example.com").await;
     until_parked(&proxy, 1.0).await;
 
     // A masked text frame "hi" (mask key zero) right behind the handshake.

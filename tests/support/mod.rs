@@ -344,6 +344,14 @@ pub fn status_of(answer: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
 }
 
+/// The status codes of every response in a raw HTTP/1.1 answer, in order.
+pub fn statuses_of(answer: &str) -> Vec<&str> {
+    answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &answer[i + 9..i + 12])
+        .collect()
+}
+
 /// A listener that accepts connections and never answers.
 pub async fn stalled_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
