@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
@@ -240,6 +240,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         .and_then(|t| t.hsts.as_deref())
         .and_then(|v| HeaderValue::from_str(v).ok());
 
+    let builders = Arc::new(ConnectionBuilders::new(&settings));
     let mut listeners = Vec::with_capacity(settings.listeners.len());
     for spec in &settings.listeners {
         let addr = spec.addr;
@@ -255,6 +256,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
             handshake_timeout: settings.config.timeouts.client_header,
             hsts: hsts.clone(),
             metrics: metrics.clone(),
+            builders: builders.clone(),
         });
         listeners.push((listener, context));
     }
@@ -272,7 +274,6 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         None => (None, None),
     };
 
-    let builders = Arc::new(ConnectionBuilders::new(&settings));
     let max_connections = settings.config.limits.max_connections;
     let limit = Arc::new(Semaphore::new(max_connections));
     let drain = settings.config.timeouts.shutdown_drain;
@@ -299,7 +300,6 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
                     listener,
                     context,
                     proxy.clone(),
-                    builders.clone(),
                     limit.clone(),
                     shutdown_rx.clone(),
                 ))
@@ -370,6 +370,7 @@ struct ListenerContext {
     handshake_timeout: Duration,
     hsts: Option<HeaderValue>,
     metrics: Arc<Metrics>,
+    builders: Arc<ConnectionBuilders>,
 }
 
 fn ok_label() -> ResultLabel {
@@ -399,7 +400,6 @@ async fn accept_loop(
     listener: TcpListener,
     context: Arc<ListenerContext>,
     proxy: Arc<Proxy>,
-    builders: Arc<ConnectionBuilders>,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -429,7 +429,6 @@ async fn accept_loop(
         let open = OpenConnection::new(context.clone(), permit);
         let served = ServedBy {
             proxy: proxy.clone(),
-            builders: builders.clone(),
             shutdown: shutdown.clone(),
         };
         // Plain and TLS connections are separate tasks so a plain connection's task does not
@@ -468,7 +467,6 @@ impl Drop for OpenConnection {
 /// What every connection is served with.
 struct ServedBy {
     proxy: Arc<Proxy>,
-    builders: Arc<ConnectionBuilders>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -545,6 +543,8 @@ async fn before_shutdown<F: Future>(
     }
 }
 
+// The set-up steps below are boxed: the set-up task is a few hundred bytes while a
+// handshake or a first read is awaited (as with idle clients that have sent nothing yet).
 async fn serve_plain(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -552,12 +552,13 @@ async fn serve_plain(
     served: ServedBy,
 ) {
     let timeout = open.context.handshake_timeout;
-    let Some((protocol, first)) = first_bytes(&mut stream, peer, timeout, &served.shutdown).await
+    let Some((protocol, first)) =
+        Box::pin(first_bytes(&mut stream, peer, timeout, &served.shutdown)).await
     else {
         return;
     };
     let client = open.context.setup(peer, None);
-    serve_connection(stream, first, protocol, client, served, open).await;
+    serve_connection(stream, first, protocol, client, served, open);
 }
 
 async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, served: ServedBy) {
@@ -566,7 +567,12 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, se
         return;
     };
     let timeout = context.handshake_timeout;
-    let Some(handshake) = before_shutdown(timeout, &served.shutdown, acceptor.accept(stream)).await
+    let Some(handshake) = Box::pin(before_shutdown(
+        timeout,
+        &served.shutdown,
+        acceptor.accept(stream),
+    ))
+    .await
     else {
         return;
     };
@@ -591,13 +597,20 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, se
     let (protocol, first) = if session.alpn_protocol() == Some(b"h2") {
         (Protocol::Http2, Vec::new())
     } else {
-        match first_bytes(&mut tls_stream, peer, timeout, &served.shutdown).await {
+        match Box::pin(first_bytes(
+            &mut tls_stream,
+            peer,
+            timeout,
+            &served.shutdown,
+        ))
+        .await
+        {
             Some(first) => first,
             None => return,
         }
     };
     let client = context.setup(peer, sni);
-    serve_connection(tls_stream, first, protocol, client, served, open).await;
+    serve_connection(tls_stream, first, protocol, client, served, open);
 }
 
 /// Everything about a client connection except the framing report, which exists only once
@@ -609,7 +622,12 @@ struct ConnSetup {
     hsts: Option<HeaderValue>,
 }
 
-async fn serve_connection<S>(
+/// Wraps a set-up connection and serves it, in a task of its own, with the protocol its first
+/// bytes chose. A task of its own because a task is as large as its largest state for its
+/// whole life: the set-up task (handshake, first read) ends here, and an HTTP/1.1
+/// connection, which spends most of its life parked between requests, lives in a task sized
+/// for that (10 000 idle clients are 10 000 of these).
+fn serve_connection<S>(
     stream: S,
     first: Vec<u8>,
     protocol: Protocol,
@@ -617,7 +635,7 @@ async fn serve_connection<S>(
     served: ServedBy,
     open: OpenConnection,
 ) where
-    S: AwaitReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: PollReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (stream, framing) = WatchedStream::new(stream, first);
     let peer = client.peer;
@@ -633,27 +651,30 @@ async fn serve_connection<S>(
         if tls { client.hsts } else { None },
         framing,
     ));
-    let ServedBy {
-        proxy,
-        builders,
-        shutdown,
-    } = served;
+    let ServedBy { proxy, shutdown } = served;
     let service = ProxyService { proxy, client };
-    let result = match protocol {
-        Protocol::Http1 => {
-            serve_http1(stream, service, &builders, shutdown, &open.context.metrics).await
-        }
-        Protocol::Http2 => {
-            // Boxed: hyper's connection state is a few KiB, and a task's future is copied as
-            // it is spawned and as it finishes; in a box it is written once.
-            let connection = Box::pin(
-                builders
-                    .http2
-                    .serve_connection(TokioIo::new(stream), service),
-            );
-            until_shutdown(connection, shutdown).await
-        }
+    match protocol {
+        Protocol::Http1 => tokio::spawn(serve_http1(Http1Conn {
+            stream,
+            service,
+            shutdown,
+            open,
+        })),
+        Protocol::Http2 => tokio::spawn(async move {
+            let connection = open
+                .context
+                .builders
+                .http2
+                .serve_connection(TokioIo::new(stream), service);
+            // Boxed: hyper's connection state is a few KiB and moves as the future is
+            // polled first; in a box it is written once.
+            log_connection_end(peer, until_shutdown(Box::pin(connection), shutdown).await);
+            drop(open);
+        }),
     };
+}
+
+fn log_connection_end(peer: SocketAddr, result: hyper::Result<()>) {
     if let Err(e) = result {
         // hyper answers malformed and oversize request heads itself (400, 431) and ends the
         // connection; this is that request's one log line.
@@ -689,30 +710,45 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 }
 
 /// A client stream whose readiness can be awaited without a read buffer, so a connection
-/// between requests holds none.
-trait AwaitReadable {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_;
+/// between requests holds none. Polled, not a future: a parked connection then keeps no
+/// waiter state of its own (the socket's registration keeps the waker).
+trait PollReadable {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl AwaitReadable for TcpStream {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
-        TcpStream::readable(self)
+impl PollReadable for TcpStream {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
     }
 }
 
-impl AwaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
-    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+impl PollReadable for tokio_rustls::server::TlsStream<TcpStream> {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let (tcp, session) = self.get_ref();
         // Plaintext rustls has already decrypted (or a close it has seen) is there to read
         // now; otherwise the next bytes must come from the socket.
-        let buffered = !session.wants_read();
-        async move {
-            if !buffered {
-                tcp.readable().await?;
-            }
-            Ok(())
+        if session.wants_read() {
+            tcp.poll_read_ready(cx)
+        } else {
+            Poll::Ready(Ok(()))
         }
     }
+}
+
+/// An HTTP/1.1 client connection between exchanges: all it keeps while parked.
+struct Http1Conn<S> {
+    stream: WatchedStream<S>,
+    service: ProxyService,
+    shutdown: watch::Receiver<bool>,
+    open: OpenConnection,
+}
+
+/// How a spell of hyper serving a connection ended.
+enum Served {
+    /// Idle between requests: hyper has let go of the stream; wait for the next request.
+    Parked,
+    /// The client closed or asked to, hyper ended the connection, or the server is stopping.
+    Close,
 }
 
 /// Serves an HTTP/1.1 connection. Once it has been idle between requests for
@@ -721,27 +757,109 @@ impl AwaitReadable for tokio_rustls::server::TlsStream<TcpStream> {
 /// it read ahead; the next request's first bytes are then awaited with no buffer at all, and
 /// a fresh hyper connection serves it. An upgrade's tunnel runs here too, on the stream
 /// hyper hands back after the 101.
-async fn serve_http1<S>(
-    mut stream: WatchedStream<S>,
-    service: ProxyService,
-    builders: &ConnectionBuilders,
-    mut shutdown: watch::Receiver<bool>,
-    metrics: &Metrics,
-) -> hyper::Result<()>
+//
+// A plain function handing back an `async move` block that uses `conn` as captured: an
+// `async fn` would keep a second copy of its argument in the future, which is what a parked
+// connection's memory is made of.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of `conn`"
+)]
+fn serve_http1<S>(mut conn: Http1Conn<S>) -> impl Future<Output = ()> + Send
 where
-    S: AwaitReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: PollReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let client = service.client.clone();
-    let mut stop = std::pin::pin!(shutdown_requested(&mut shutdown));
+    async move {
+        loop {
+            // Boxed: hyper's connection and the idle watch exist only while hyper serves.
+            let (back, served) = Box::pin(serve_until_parked(conn)).await;
+            conn = back;
+            if let Some(tunnel) = conn.service.client.take_tunnel() {
+                Box::pin(tunnel.run(conn.stream)).await;
+                return;
+            }
+            match served {
+                Ok(Served::Parked) => {}
+                Ok(Served::Close) => break,
+                Err(e) => {
+                    // Dropped, not closed gracefully: as when hyper ends a connection on an
+                    // error.
+                    log_connection_end(conn.service.client.peer, Err(e));
+                    return;
+                }
+            }
+            if !conn.stream.has_buffered() && !wait_parked(&mut conn).await {
+                break;
+            }
+        }
+        let within = conn.open.context.builders.keepalive_idle;
+        Box::pin(close(conn.stream, within)).await;
+    }
+}
+
+/// Waits, holding no buffer, for a parked connection's next bytes: false when the client
+/// sent none within the keep-alive wait or the server is stopping. Every parked connection
+/// holds this future, so it is kept lean: a plain function around an `async move` (no second
+/// copy of the argument), and no locals beyond the two timers.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of `conn`"
+)]
+fn wait_parked<S>(conn: &mut Http1Conn<S>) -> impl Future<Output = bool> + Send + '_
+where
+    S: PollReadable + Send,
+{
+    async move {
+        if *conn.shutdown.borrow() {
+            return false;
+        }
+        conn.open.context.metrics.parked_connections.inc();
+        let idle = conn.open.context.builders.keepalive_idle;
+        let mut expiry = std::pin::pin!(tokio::time::sleep(idle));
+        // Any change is the shutdown (it is sent once), and so is the sender's end;
+        // `changed` rather than `shutdown_requested`, whose future is larger.
+        let mut stop = std::pin::pin!(conn.shutdown.changed());
+        let ready = std::future::poll_fn(|cx| {
+            // Taken `&mut` so the future is `Send` without asking the stream to be `Sync`.
+            let stream: &mut WatchedStream<S> = &mut conn.stream;
+            if let Poll::Ready(ready) = stream.get_ref().poll_readable(cx) {
+                return Poll::Ready(ready.is_ok());
+            }
+            if stop.as_mut().poll(cx).is_ready() || expiry.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            Poll::Pending
+        })
+        .await;
+        conn.open.context.metrics.parked_connections.dec();
+        ready
+    }
+}
+
+/// Lets hyper serve the connection until it ends, or until it has been idle between
+/// requests long enough to park; hands the connection back with the stream and hyper's
+/// read-ahead in it.
+async fn serve_until_parked<S>(conn: Http1Conn<S>) -> (Http1Conn<S>, hyper::Result<Served>)
+where
+    S: PollReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Http1Conn {
+        stream,
+        service,
+        mut shutdown,
+        open,
+    } = conn;
+    let mut connection = open
+        .context
+        .builders
+        .http1
+        .serve_connection(TokioIo::new(stream), service.clone());
+    let ledger = &service.client.ledger;
     let mut stopping = false;
-    loop {
-        let mut connection = Box::new(
-            builders
-                .http1
-                .serve_connection(TokioIo::new(stream), service.clone()),
-        );
-        let mut parking = false;
-        let mut idle = IdleWatch::new(client.ledger.answered());
+    let mut parking = false;
+    let result = {
+        let mut stop = std::pin::pin!(shutdown_requested(&mut shutdown));
+        let mut idle = IdleWatch::new(ledger.answered());
         std::future::poll_fn(|cx| loop {
             // The connection first: it is what wakes this task, for every request.
             if let Poll::Ready(done) = connection.poll_without_shutdown(cx) {
@@ -750,43 +868,32 @@ where
             if !stopping && stop.as_mut().poll(cx).is_ready() {
                 // Shutdown: an idle connection closes now, a busy one after its exchange.
                 stopping = true;
-            } else if !stopping && !parking && idle.poll_idle(cx, &client.ledger) {
+            } else if !stopping && !parking && idle.poll_idle(cx, ledger) {
                 parking = true;
             } else {
                 return Poll::Pending;
             }
-            Pin::new(&mut *connection).graceful_shutdown();
+            Pin::new(&mut connection).graceful_shutdown();
         })
-        .await?;
-        let Parts { io, read_buf, .. } = connection.into_parts();
-        stream = io.into_inner();
-        stream.unread(read_buf);
-        if let Some(tunnel) = client.take_tunnel() {
-            Box::pin(tunnel.run(stream)).await;
-            return Ok(());
+        .await
+    };
+    let Parts { io, read_buf, .. } = connection.into_parts();
+    let mut stream = io.into_inner();
+    stream.unread(read_buf);
+    let served = result.map(|()| {
+        if parking && !stopping {
+            Served::Parked
+        } else {
+            Served::Close
         }
-        if stopping || !parking {
-            // hyper ended the connection on its own (the client closed or asked to, or an
-            // HTTP/1.0 exchange), or the server is stopping.
-            Box::pin(close(stream, builders.keepalive_idle)).await;
-            return Ok(());
-        }
-        if !stream.has_buffered() {
-            metrics.parked_connections.inc();
-            let waited = tokio::select! {
-                biased;
-                ready = tokio::time::timeout(builders.keepalive_idle, stream.get_ref().readable()) => {
-                    matches!(ready, Ok(Ok(())))
-                }
-                _ = stop.as_mut() => false,
-            };
-            metrics.parked_connections.dec();
-            if !waited {
-                Box::pin(close(stream, builders.keepalive_idle)).await;
-                return Ok(());
-            }
-        }
-    }
+    });
+    let conn = Http1Conn {
+        stream,
+        service,
+        shutdown,
+        open,
+    };
+    (conn, served)
 }
 
 /// How long an HTTP/1.1 connection stays idle between requests before it gives up hyper's

@@ -125,3 +125,25 @@ async fn an_upgrade_after_parking_carries_the_bytes_read_ahead() {
         .unwrap();
     assert_eq!(echoed, [0x81, 0x02, b'h', b'i']);
 }
+
+/// A parked connection has nothing in flight: a shutdown closes it at once (with a FIN),
+/// though the keep-alive wait and the drain are a minute.
+#[tokio::test]
+async fn shutdown_closes_a_parked_connection_at_once() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(
+        &cluster,
+        "[admin]\naddress = \"127.0.0.1:0\"\n\
+         [timeouts]\nclient_header = \"60s\"\nshutdown_drain = \"60s\"\n",
+    )
+    .await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    get_ok(&mut stream, "/", "api.example.com").await;
+    until_parked(&proxy, 1.0).await;
+    // Bounded only so a regression fails instead of hanging: a proxy that waited for the
+    // parked connection would take the full minute.
+    let done = tokio::time::timeout(LIMIT, proxy.shutdown()).await;
+    assert!(done.is_ok(), "shutdown waited for a parked connection");
+    let mut rest = Vec::new();
+    assert_eq!(stream.read_to_end(&mut rest).await.unwrap(), 0);
+}

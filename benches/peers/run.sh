@@ -9,7 +9,8 @@
 # Environment: DURATION seconds per measurement (10), ROUNDS per target (3; the table shows
 # the round with the median proxy CPU per request, and the rounds interleave the targets so
 # a slow patch of a shared machine hits them all), SCENARIOS (all of: keepalive newconn 1mib
-# https-newconn h2 idle), IDLE_CONNECTIONS (10000), PROXIES (nginx haproxy clearml-edge;
+# https-newconn h2 idle), IDLE_CONNECTIONS (10000), IDLE_SETTLE (seconds from the last idle
+# client's answer to the RSS reading: 15), PROXIES (nginx haproxy clearml-edge;
 # nginx must stay, the ratios are to it), EDGE_BIN (./target/release/clearml-edge, to
 # compare a build of your own).
 set -euo pipefail
@@ -19,6 +20,9 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 SCENARIOS=${SCENARIOS:-keepalive newconn 1mib https-newconn h2 idle}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
+# Long enough for what a proxy does with a connection that stays idle to show: clearml-edge
+# parks it after 1-2 s, and jemalloc hands the freed pages back within its 10 s decay.
+IDLE_SETTLE=${IDLE_SETTLE:-15}
 PROXIES=${PROXIES:-nginx haproxy clearml-edge}
 EDGE_BIN=${EDGE_BIN:-./target/release/clearml-edge}
 PLAIN_PORT=18080
@@ -266,6 +270,7 @@ measure_idle() {
   local before; before=$(rss_kib "$pid" VmRSS)
   coproc IDLE { taskset -c 1 timeout 120 python3 "$work/idle.py" "$PLAIN_PORT" "$IDLE_CONNECTIONS"; }
   local opened; read -r opened <&"${IDLE[0]}"
+  sleep "$IDLE_SETTLE"
   local rss; rss=$(rss_kib "$pid" VmRSS)
   exec {IDLE[1]}>&-
   wait "$IDLE_PID" 2>/dev/null || true
