@@ -287,7 +287,7 @@ impl Proxy {
                 let last = pool
                     .fail_open_logged
                     .load(std::sync::atomic::Ordering::Relaxed);
-                if now.saturating_sub(last) >= FAIL_OPEN_LOG_INTERVAL_MS
+                if fail_open_is_due(last, now)
                     && pool
                         .fail_open_logged
                         .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
@@ -444,6 +444,13 @@ fn redirect_to_https(host: &HeaderValue, port: u16, uri: &Uri) -> Response<Respo
 /// Failing open is logged at most this often per route.
 const FAIL_OPEN_LOG_INTERVAL_MS: u64 = 10_000;
 
+/// Whether failing open at `now` is to be logged, the last log having been at `last` (0:
+/// never, whatever `now` is; the clock starts near 0 when the process does, and the first
+/// fail-open of a route is the one an operator most needs to see).
+fn fail_open_is_due(last: u64, now: u64) -> bool {
+    last == 0 || now.saturating_sub(last) >= FAIL_OPEN_LOG_INTERVAL_MS
+}
+
 /// Attempts per request, counting connects and sends that never left the edge.
 const MAX_ATTEMPTS: usize = 4;
 
@@ -500,4 +507,19 @@ fn client_body_error(error: &hyper::Error) -> Option<ProxyError> {
         source = err.source();
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_fail_open_is_logged_then_one_per_interval() {
+        assert!(
+            fail_open_is_due(0, 5),
+            "first, right after the process started"
+        );
+        assert!(!fail_open_is_due(5, 5 + FAIL_OPEN_LOG_INTERVAL_MS - 1));
+        assert!(fail_open_is_due(5, 5 + FAIL_OPEN_LOG_INTERVAL_MS));
+    }
 }
