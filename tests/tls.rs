@@ -432,3 +432,48 @@ async fn shutdown_closes_a_tls_connection_that_sent_nothing() {
     let _ = stream.read_to_end(&mut rest).await;
     assert!(rest.is_empty());
 }
+
+/// An idle TLS keep-alive connection is parked like a plain one (waiting on the socket once
+/// rustls has no plaintext left) and serves its next request after.
+#[tokio::test]
+async fn an_idle_tls_connection_parks_and_serves_its_next_request() {
+    let pki = Pki::new();
+    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
+    let cluster = Cluster::echo().await;
+    let proxy = proxy(&tls_config(
+        &cluster,
+        &[(&crt, &key)],
+        "[admin]\naddress = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let stream = pki
+        .connect(proxy.local_addrs()[0], "api.example.com", &[b"http/1.1"])
+        .await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for round in 0..2 {
+        let req = Request::builder()
+            .uri(format!("/{round}"))
+            .header("host", "api.example.com")
+            .body(full(""))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        assert_eq!((parts.status, &body[..]), (StatusCode::OK, &b"api"[..]));
+        // Bounded only so a regression fails instead of hanging; parking takes one to two
+        // seconds of idleness.
+        let parked = async {
+            while value(&scrape(&proxy).await, "clearml_edge_parked_connections") != Some(1.0) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), parked)
+            .await
+            .expect("the idle TLS connection was never parked");
+    }
+    let targets: Vec<String> = cluster.api.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/0", "/1"]);
+}
