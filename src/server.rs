@@ -839,26 +839,22 @@ where
 /// Lets hyper serve the connection until it ends, or until it has been idle between
 /// requests long enough to park; hands the connection back with the stream and hyper's
 /// read-ahead in it.
-async fn serve_until_parked<S>(conn: Http1Conn<S>) -> (Http1Conn<S>, hyper::Result<Served>)
+async fn serve_until_parked<S>(mut conn: Http1Conn<S>) -> (Http1Conn<S>, hyper::Result<Served>)
 where
     S: PollReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Http1Conn {
-        stream,
-        service,
-        mut shutdown,
-        open,
-    } = conn;
-    let mut connection = open
+    // The stream moves into hyper for the spell and back into `conn` after it.
+    let mut connection = conn
+        .open
         .context
         .builders
         .http1
-        .serve_connection(TokioIo::new(stream), service.clone());
-    let ledger = &service.client.ledger;
+        .serve_connection(TokioIo::new(conn.stream), conn.service.clone());
+    let ledger = &conn.service.client.ledger;
     let mut stopping = false;
     let mut parking = false;
     let result = {
-        let mut stop = std::pin::pin!(shutdown_requested(&mut shutdown));
+        let mut stop = std::pin::pin!(shutdown_requested(&mut conn.shutdown));
         let mut idle = IdleWatch::new(ledger.answered());
         std::future::poll_fn(|cx| loop {
             // The connection first: it is what wakes this task, for every request.
@@ -878,8 +874,8 @@ where
         .await
     };
     let Parts { io, read_buf, .. } = connection.into_parts();
-    let mut stream = io.into_inner();
-    stream.unread(read_buf);
+    conn.stream = io.into_inner();
+    conn.stream.unread(read_buf);
     let served = result.map(|()| {
         if parking && !stopping {
             Served::Parked
@@ -887,12 +883,6 @@ where
             Served::Close
         }
     });
-    let conn = Http1Conn {
-        stream,
-        service,
-        shutdown,
-        open,
-    };
     (conn, served)
 }
 

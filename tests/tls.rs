@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
+use hyper::client::conn::http1;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -123,16 +124,35 @@ fn tls_config(cluster: &Cluster, certs: &[(&Path, &Path)], extra: &str) -> Strin
     )
 }
 
+/// A proxy with one wildcard certificate for `*.example.com` on its TLS listener (the first;
+/// the second redirects plain HTTP), in front of `cluster`.
+async fn wildcard_proxy(pki: &Pki, cluster: &Cluster, extra: &str) -> clearml_edge::RunningServer {
+    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
+    proxy(&tls_config(cluster, &[(&crt, &key)], extra)).await
+}
+
+/// An HTTP/1.1 client connection over an established TLS stream.
+async fn h1_sender(stream: TlsStream<TcpStream>) -> http1::SendRequest<Body> {
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 /// One HTTP/1.1 GET over an established TLS stream.
 async fn h1_get(
     stream: TlsStream<TcpStream>,
     host: &str,
     path: &str,
 ) -> (StatusCode, hyper::HeaderMap, String) {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    get_on(&mut h1_sender(stream).await, host, path).await
+}
+
+/// One GET on an HTTP/1.1 client connection: status, headers and body.
+async fn get_on(
+    sender: &mut http1::SendRequest<Body>,
+    host: &str,
+    path: &str,
+) -> (StatusCode, hyper::HeaderMap, String) {
     let req = Request::builder()
         .uri(path)
         .header("host", host)
@@ -180,9 +200,8 @@ async fn https_per_route_with_sni_selecting_the_certificate() {
 #[tokio::test]
 async fn alpn_gives_http2_or_http1_as_asked() {
     let pki = Pki::new();
-    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
     let cluster = Cluster::echo().await;
-    let proxy = proxy(&tls_config(&cluster, &[(&crt, &key)], "")).await;
+    let proxy = wildcard_proxy(&pki, &cluster, "").await;
     let https = proxy.local_addrs()[0];
 
     let stream = pki
@@ -276,9 +295,8 @@ async fn a_replaced_certificate_is_picked_up_and_a_broken_one_refused() {
 #[tokio::test]
 async fn host_not_matching_sni_is_421() {
     let pki = Pki::new();
-    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
     let cluster = Cluster::echo().await;
-    let proxy = proxy(&tls_config(&cluster, &[(&crt, &key)], "")).await;
+    let proxy = wildcard_proxy(&pki, &cluster, "").await;
     let stream = pki
         .connect(proxy.local_addrs()[0], "app.example.com", &[b"http/1.1"])
         .await;
@@ -291,9 +309,8 @@ async fn host_not_matching_sni_is_421() {
 #[tokio::test]
 async fn plain_http_redirects_to_https_with_308() {
     let pki = Pki::new();
-    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
     let cluster = Cluster::echo().await;
-    let proxy = proxy(&tls_config(&cluster, &[(&crt, &key)], "")).await;
+    let proxy = wildcard_proxy(&pki, &cluster, "").await;
     let plain = proxy.local_addrs()[1];
     let answer = raw(
         plain,
@@ -382,9 +399,8 @@ async fn certificate_problems_are_config_errors_naming_file_and_fix() {
 #[tokio::test]
 async fn server_prefers_aes128_and_still_speaks_aes256() {
     let pki = Pki::new();
-    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
     let cluster = Cluster::echo().await;
-    let proxy = proxy(&tls_config(&cluster, &[(&crt, &key)], "")).await;
+    let proxy = wildcard_proxy(&pki, &cluster, "").await;
     let https = proxy.local_addrs()[0];
 
     let stream = pki.connect(https, "api.example.com", &[b"http/1.1"]).await;
@@ -413,13 +429,12 @@ async fn server_prefers_aes128_and_still_speaks_aes256() {
 #[tokio::test]
 async fn shutdown_closes_a_tls_connection_that_sent_nothing() {
     let pki = Pki::new();
-    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
     let cluster = Cluster::echo().await;
-    let proxy = proxy(&tls_config(
+    let proxy = wildcard_proxy(
+        &pki,
         &cluster,
-        &[(&crt, &key)],
         "[timeouts]\nclient_header = \"60s\"\nshutdown_drain = \"60s\"\n",
-    ))
+    )
     .await;
     let https = proxy.local_addrs()[0];
     let mut stream = pki.connect(https, "api.example.com", &[b"http/1.1"]).await;
@@ -438,41 +453,16 @@ async fn shutdown_closes_a_tls_connection_that_sent_nothing() {
 #[tokio::test]
 async fn an_idle_tls_connection_parks_and_serves_its_next_request() {
     let pki = Pki::new();
-    let (crt, key, _) = pki.leaf("wildcard", &["*.example.com"]);
     let cluster = Cluster::echo().await;
-    let proxy = proxy(&tls_config(
-        &cluster,
-        &[(&crt, &key)],
-        "[admin]\naddress = \"127.0.0.1:0\"\n",
-    ))
-    .await;
+    let proxy = wildcard_proxy(&pki, &cluster, "[admin]\naddress = \"127.0.0.1:0\"\n").await;
     let stream = pki
         .connect(proxy.local_addrs()[0], "api.example.com", &[b"http/1.1"])
         .await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h1_sender(stream).await;
     for round in 0..2 {
-        let req = Request::builder()
-            .uri(format!("/{round}"))
-            .header("host", "api.example.com")
-            .body(full(""))
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        let (parts, body) = resp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        assert_eq!((parts.status, &body[..]), (StatusCode::OK, &b"api"[..]));
-        // Bounded only so a regression fails instead of hanging; parking takes one to two
-        // seconds of idleness.
-        let parked = async {
-            while value(&scrape(&proxy).await, "clearml_edge_parked_connections") != Some(1.0) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(30), parked)
-            .await
-            .expect("the idle TLS connection was never parked");
+        let (status, _, body) = get_on(&mut sender, "api.example.com", &format!("/{round}")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "api"));
+        until_parked(&proxy, 1.0).await;
     }
     let targets: Vec<String> = cluster.api.seen().into_iter().map(|s| s.target).collect();
     assert_eq!(targets, ["/0", "/1"]);

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -342,6 +343,22 @@ pub fn status_of(answer: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+/// Waits until the proxy reports `n` parked connections (HTTP/1.1 connections idle between
+/// requests, which park after one to two seconds). Bounded so a regression fails instead of
+/// hanging; needs the proxy's admin listener.
+pub async fn until_parked(proxy: &RunningServer, n: f64) {
+    let parked = async {
+        while value(&scrape(proxy).await, "clearml_edge_parked_connections").expect("parked gauge")
+            != n
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), parked)
+        .await
+        .unwrap_or_else(|_| panic!("never {n} parked connections"));
 }
 
 /// The status codes of every response in a raw HTTP/1.1 answer, in order.
