@@ -25,19 +25,22 @@ use crate::framing::FramingReport;
 use crate::snapshot::InFlightGuard;
 
 /// What the handler needs to know about the client connection a request came on.
+///
+/// Held by every connection for its whole life, parked or not: kept within jemalloc's
+/// 192-byte size class (the listener's HSTS value shared, not copied; the scheme a flag).
 #[derive(Debug)]
 pub struct ClientConn {
     pub peer: SocketAddr,
     /// The peer's IP, rendered once per connection for the forwarding headers.
     pub peer_ip: HeaderValue,
-    /// `http` or `https`, for `X-Forwarded-Proto`.
-    pub proto: &'static str,
+    /// Whether the connection came over TLS: `X-Forwarded-Proto` says `https`.
+    tls: bool,
     /// The TLS server name the client asked for; a request for another host gets 421.
     pub sni: Option<Box<str>>,
     /// On a redirecting plain listener, the HTTPS port to send clients to.
     pub redirect_https_port: Option<u16>,
     /// `Strict-Transport-Security` for responses on this (TLS) connection.
-    pub hsts: Option<HeaderValue>,
+    pub hsts: Option<Arc<HeaderValue>>,
     /// What the raw-stream watcher saw of the request heads (HTTP/1.1).
     pub framing: Arc<FramingReport>,
     pub ledger: Ledger,
@@ -48,23 +51,41 @@ pub struct ClientConn {
 impl ClientConn {
     pub fn new(
         peer: SocketAddr,
-        proto: &'static str,
+        tls: bool,
         sni: Option<Box<str>>,
         redirect_https_port: Option<u16>,
-        hsts: Option<HeaderValue>,
+        hsts: Option<Arc<HeaderValue>>,
         framing: Arc<FramingReport>,
     ) -> Self {
         ClientConn {
             peer,
             peer_ip: HeaderValue::try_from(peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            proto,
+            tls,
             sni,
             redirect_https_port,
             hsts,
             framing,
             ledger: Ledger::default(),
             tunnel: Mutex::new(None),
+        }
+    }
+
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// What a request body reports when it has been read to its end. It holds the
+    /// connection rather than a counter of its own: one allocation fewer per connection.
+    pub fn body_read_mark(self: &Arc<Self>, ordinal: u64) -> BodyReadMark {
+        BodyReadMark {
+            conn: self.clone(),
+            ordinal,
         }
     }
 
@@ -89,7 +110,7 @@ pub struct Ledger {
     answered: AtomicU64,
     /// The count of requests (from the first) up to the latest one whose body has been read
     /// to its end: equal to `started` when the stream is past the latest request's body.
-    bodies_read: Arc<AtomicU64>,
+    bodies_read: AtomicU64,
     /// Whether the latest request lets the connection carry another one (HTTP/1.1 without
     /// `Connection: close`).
     reusable: AtomicBool,
@@ -120,12 +141,9 @@ impl Ledger {
         self.answered.load(Ordering::Acquire)
     }
 
-    /// What a request body reports when it has been read to its end.
-    pub fn body_read_mark(&self, ordinal: u64) -> BodyReadMark {
-        BodyReadMark {
-            bodies_read: self.bodies_read.clone(),
-            count: ordinal + 1,
-        }
+    /// Records that the body of request `ordinal` has been read to its end.
+    fn body_read(&self, ordinal: u64) {
+        self.bodies_read.store(ordinal + 1, Ordering::Release);
     }
 
     /// True when a response has been returned since `answered_before`, every request has
@@ -143,13 +161,13 @@ impl Ledger {
 /// Marks one request's body as read to its end.
 #[derive(Debug)]
 pub struct BodyReadMark {
-    bodies_read: Arc<AtomicU64>,
-    count: u64,
+    conn: Arc<ClientConn>,
+    ordinal: u64,
 }
 
 impl BodyReadMark {
     pub fn mark(&self) {
-        self.bodies_read.store(self.count, Ordering::Release);
+        self.conn.ledger.body_read(self.ordinal);
     }
 }
 
@@ -200,14 +218,13 @@ mod tests {
         let ordinal = ledger.record(true, false);
         ledger.answer();
         assert!(!ledger.between_requests(fresh));
-        ledger.body_read_mark(ordinal).mark();
+        ledger.body_read(ordinal);
         assert!(ledger.between_requests(fresh));
 
         // An earlier body's mark does not count for a later one.
-        let stale = ledger.body_read_mark(ordinal);
         ledger.record(true, false);
         ledger.answer();
-        stale.mark();
+        ledger.body_read(ordinal);
         assert!(!ledger.between_requests(fresh));
     }
 
@@ -217,5 +234,19 @@ mod tests {
         ledger.record(false, true);
         ledger.answer();
         assert!(!ledger.between_requests(0));
+    }
+}
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod size {
+    /// Every connection holds one for its life: with `Arc`'s two counters it must stay
+    /// within jemalloc's 192-byte class (the next is 224, then 256).
+    #[test]
+    fn a_client_record_fits_the_192_byte_size_class() {
+        let with_counts = std::mem::size_of::<super::ClientConn>() + 16;
+        assert!(
+            with_counts <= 192,
+            "ClientConn with Arc's counts: {with_counts} bytes"
+        );
     }
 }

@@ -60,7 +60,7 @@ impl Proxy {
     pub async fn handle(
         &self,
         req: Request<Incoming>,
-        conn: &ClientConn,
+        conn: &Arc<ClientConn>,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         // Counted before anything can refuse the request, so ordinals match the raw stream's
@@ -97,9 +97,10 @@ impl Proxy {
             }
         };
         if let Some(hsts) = &conn.hsts {
-            response
-                .headers_mut()
-                .insert(hyper::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            response.headers_mut().insert(
+                hyper::header::STRICT_TRANSPORT_SECURITY,
+                HeaderValue::clone(hsts),
+            );
         }
         let access = access_log.map(|json| {
             Box::new(AccessEntry {
@@ -130,7 +131,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         ordinal: u64,
-        conn: &ClientConn,
+        conn: &Arc<ClientConn>,
         snapshot: Arc<Snapshot>,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -192,7 +193,7 @@ impl Proxy {
         if target_names_host {
             parts.headers.insert(HOST, host.clone());
         }
-        headers::add_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto, host);
+        headers::add_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto(), host);
 
         // A malformed chunked body must be refused before the node sees the request, so its
         // first frame is read here; a sized body is framed by hyper and needs no look.
@@ -235,7 +236,7 @@ impl Proxy {
             parts,
             RequestBody::new(Some(body), first, body_limit, sent_tx)
                 .count_into(pool.metrics.bytes_in.clone())
-                .marks_read(conn.ledger.body_read_mark(ordinal)),
+                .marks_read(conn.body_read_mark(ordinal)),
         );
         self.budget.deposit();
 

@@ -346,7 +346,7 @@ pub fn status_of(answer: &str) -> u16 {
 }
 
 /// Waits until the proxy reports `n` parked connections (HTTP/1.1 connections idle between
-/// requests, which park after one to two seconds). Bounded so a regression fails instead of
+/// requests, which park after 100–200 ms). Bounded so a regression fails instead of
 /// hanging; needs the proxy's admin listener.
 pub async fn until_parked(proxy: &RunningServer, n: f64) {
     let parked = async {
