@@ -10,15 +10,18 @@
 # binaries to compare builds. Each is run under callgrind twice, idle and with REQUESTS
 # (4000) keep-alive HTTP/1.1 requests over 8 connections (h2load) to one nginx upstream;
 # the difference divided by REQUESTS is printed, with the functions that cost the most when
-# TOP is set (e.g. TOP=25). Bounded: about a minute per binary.
+# TOP is set (e.g. TOP=25). MODE=newconn sends each request on a connection of its own
+# (`Connection: close`, one after another) instead, to count what a connection costs.
+# Bounded: about a minute per binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 REQUESTS=${REQUESTS:-4000}
 TOP=${TOP:-0}
+MODE=${MODE:-keepalive}
 PORT=18080
-if ! [[ "$REQUESTS" =~ ^[1-9][0-9]*$ && "$TOP" =~ ^[0-9]+$ ]]; then
-  echo "REQUESTS must be a positive number and TOP a number" >&2
+if ! [[ "$REQUESTS" =~ ^[1-9][0-9]*$ && "$TOP" =~ ^[0-9]+$ && "$MODE" =~ ^(keepalive|newconn)$ ]]; then
+  echo "REQUESTS must be a positive number, TOP a number, MODE keepalive or newconn" >&2
   exit 1
 fi
 
@@ -67,6 +70,20 @@ nodes = ["127.0.0.1"]
 [health]
 interval = "1h"
 EOF
+# The new-connection client: one connection per request, each read to the proxy's close.
+cat > "$work/newconn.py" <<'EOF'
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+ok = 0
+for _ in range(n):
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    ok += answer.startswith(b"HTTP/1.1 200")
+print(ok)
+EOF
 
 # count BINARY REQUESTS: runs BINARY under callgrind, sends REQUESTS requests (none for the
 # start-up baseline) and sets `counted` to the user-space instructions of the whole run. Not
@@ -89,8 +106,12 @@ count() {
   fi
   if [ "$2" -gt 0 ]; then
     local done
-    done=$(h2load --h1 -n "$2" -c 8 -H ':authority: api.example.com' "http://127.0.0.1:$PORT/" |
-      awk '/^requests:/ {print $8}')
+    if [ "$MODE" = newconn ]; then
+      done=$(python3 "$work/newconn.py" "$PORT" "$2")
+    else
+      done=$(h2load --h1 -n "$2" -c 8 -H ':authority: api.example.com' "http://127.0.0.1:$PORT/" |
+        awk '/^requests:/ {print $8}')
+    fi
     [ "$done" = "$2" ] || { echo "only ${done:-0} of $2 requests succeeded" >&2; exit 1; }
   fi
   kill -TERM "$pid"

@@ -901,9 +901,12 @@ const PARK_AFTER: Duration = Duration::from_millis(100);
 /// Tells when a connection has been between requests for a whole tick of [`PARK_AFTER`]:
 /// no response since the last tick, and the ledger says nothing is owed either way. One
 /// timer per connection while hyper serves it, re-armed once a tick (never per request).
+///
+/// The timer is made only once the spell has answered a request: a connection can park only
+/// after an answer, and a client that sends one request and closes (`Connection: close`)
+/// then costs no timer at all.
 struct IdleWatch {
-    tick: Pin<Box<tokio::time::Sleep>>,
-    armed: bool,
+    tick: Option<Pin<Box<tokio::time::Sleep>>>,
     answered_at_start: u64,
     answered_at_tick: u64,
 }
@@ -911,33 +914,36 @@ struct IdleWatch {
 impl IdleWatch {
     fn new(answered: u64) -> Self {
         IdleWatch {
-            tick: Box::pin(tokio::time::sleep(PARK_AFTER)),
-            armed: false,
+            tick: None,
             answered_at_start: answered,
             answered_at_tick: answered,
         }
     }
 
     fn poll_idle(&mut self, cx: &mut std::task::Context<'_>, ledger: &Ledger) -> bool {
-        if self.armed {
-            // A look at the timer's state, not a poll: polling it on every wake-up of a busy
-            // connection would register the waker again each time.
-            if !self.tick.is_elapsed() {
-                return false;
+        let answered = ledger.answered();
+        let tick = match &mut self.tick {
+            Some(tick) => {
+                // A look at the timer's state, not a poll: polling it on every wake-up of a
+                // busy connection would register the waker again each time.
+                if !tick.is_elapsed() {
+                    return false;
+                }
+                if answered == self.answered_at_tick
+                    && ledger.between_requests(self.answered_at_start)
+                {
+                    return true;
+                }
+                tick.as_mut()
+                    .reset(tokio::time::Instant::now() + PARK_AFTER);
+                tick
             }
-            let answered = ledger.answered();
-            if answered == self.answered_at_tick && ledger.between_requests(self.answered_at_start)
-            {
-                return true;
-            }
-            self.answered_at_tick = answered;
-            self.tick
-                .as_mut()
-                .reset(tokio::time::Instant::now() + PARK_AFTER);
-        }
-        self.armed = true;
+            None if answered == self.answered_at_start => return false,
+            None => self.tick.insert(Box::pin(tokio::time::sleep(PARK_AFTER))),
+        };
+        self.answered_at_tick = answered;
         // Registers this task's waker with the timer; the deadline is ahead, so it is pending.
-        let _ = self.tick.as_mut().poll(cx);
+        let _ = tick.as_mut().poll(cx);
         false
     }
 }
