@@ -89,6 +89,11 @@ impl<T> WatchedStream<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The stream itself, without the watch; bytes put back are dropped.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for WatchedStream<T> {

@@ -794,7 +794,12 @@ where
             }
         }
         let within = conn.open.context.builders.keepalive_idle;
-        Box::pin(close(conn.stream, within)).await;
+        if conn.service.client.ledger.body_unread() {
+            let stream = conn.stream.into_inner();
+            Box::pin(close_lingering(stream, within, &conn.shutdown)).await;
+        } else {
+            Box::pin(close(conn.stream, within)).await;
+        }
     }
 }
 
@@ -952,6 +957,36 @@ impl IdleWatch {
 /// written, bounded in time for a client that reads nothing.
 async fn close<S: AsyncWrite + Unpin>(mut stream: S, within: Duration) {
     let _ = tokio::time::timeout(within, stream.shutdown()).await;
+}
+
+/// How long a lingering close waits for the client's next bytes, and how long it lingers at
+/// most: nginx's `lingering_timeout` and `lingering_time`.
+const LINGER_QUIET: Duration = Duration::from_secs(5);
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
+
+/// Ends a connection whose client may still be sending a body the proxy answered early (a
+/// refused upload): the FIN after the answer, then what the client sends is read and
+/// dropped until it closes, pauses [`LINGER_QUIET`], [`LINGER_TOTAL`] has passed or the
+/// server stops. Closing a socket with unread bytes sends a reset instead of a FIN, which
+/// fails the client's upload with "broken pipe" or "connection reset" (and on some systems
+/// drops the answer unread) where it should read the 413: nginx's lingering close.
+async fn close_lingering<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    within: Duration,
+    shutdown: &watch::Receiver<bool>,
+) {
+    if tokio::time::timeout(within, stream.shutdown())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let discard = async {
+        // On the heap, and only for lingering connections.
+        let mut sink = vec![0u8; 16 * 1024];
+        while let Ok(Ok(1..)) = tokio::time::timeout(LINGER_QUIET, stream.read(&mut sink)).await {}
+    };
+    let _ = before_shutdown(LINGER_TOTAL, shutdown, discard).await;
 }
 
 /// A served connection that can be asked to finish its in-flight requests and close.

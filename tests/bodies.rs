@@ -339,6 +339,36 @@ async fn body_limit_answers_413_before_the_node_sees_anything() {
 }
 
 #[tokio::test]
+async fn a_client_still_sending_a_refused_body_finishes_and_reads_the_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(&cluster, "max_body_bytes = 1000\n").await;
+    let mut stream = tokio::net::TcpStream::connect(addr(&proxy)).await.unwrap();
+    // Like Python's requests (the ClearML SDK's uploads): the whole body first, then the
+    // answer. Far more than the sockets' buffers hold, so the proxy must read it to take it.
+    let size = 32 << 20;
+    let head =
+        format!("POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: {size}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'x'; 64 << 10];
+    for sent in (0..size).step_by(chunk.len()) {
+        stream.write_all(&chunk).await.unwrap_or_else(|e| {
+            panic!("the upload failed after {sent} bytes instead of being read and dropped: {e}")
+        });
+    }
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&answer)), 413);
+    assert_eq!(
+        cluster
+            .api
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
 async fn websocket_echo_through_the_proxy() {
     let port = websocket_echo().await;
     let proxy = proxy(&config(

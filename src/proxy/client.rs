@@ -170,6 +170,12 @@ impl Ledger {
         self.answered.load(Ordering::Acquire)
     }
 
+    /// True when a request's body was not read to its end (it was answered early, as a
+    /// refused upload is): the client may still be sending it.
+    pub fn body_unread(&self) -> bool {
+        self.bodies_read.load(Ordering::Acquire) < self.started.load(Ordering::Acquire)
+    }
+
     /// Records that the body of request `ordinal` has been read to its end.
     fn body_read(&self, ordinal: u64) {
         self.bodies_read.store(ordinal + 1, Ordering::Release);
