@@ -7,8 +7,8 @@
 #   bash benches/peers/run.sh
 #
 # Environment: DURATION seconds per measurement (10), ROUNDS per target (3; the table shows
-# the round with the median proxy CPU per request, and the rounds interleave the targets so
-# a slow patch of a shared machine hits them all), SCENARIOS (all of: keepalive newconn 1mib
+# the round with the median proxy CPU per request; the rounds interleave the targets, in an
+# order that turns each round, so a slow patch of a shared machine hits them all), SCENARIOS (all of: keepalive newconn 1mib
 # https-newconn h2 idle), IDLE_CONNECTIONS (10000), IDLE_SETTLE (seconds from the last idle
 # client's answer to the RSS reading: 15), PROXIES (nginx haproxy clearml-edge;
 # nginx must stay, the ratios are to it), EDGE_BIN (./target/release/clearml-edge, to
@@ -278,10 +278,16 @@ measure_idle() {
 }
 
 declare -A rounds
+read -ra proxy_list <<<"$PROXIES"
 for round in $(seq "$ROUNDS"); do
+  # The order turns each round (nginx haproxy edge, then haproxy edge nginx, ...): each
+  # proxy runs first, second and last once, so neither a slow patch of the machine nor what
+  # the run before leaves behind (sockets in TIME_WAIT, caches) falls on one proxy only.
+  shift_by=$(( (round - 1) % ${#proxy_list[@]} ))
+  order=("${proxy_list[@]:shift_by}" "${proxy_list[@]:0:shift_by}")
   for scenario in $SCENARIOS; do
     [ "$scenario" != idle ] && rounds[direct,$scenario]+="$(measure direct "$scenario")"$'\n'
-    for proxy in $PROXIES; do
+    for proxy in "${order[@]}"; do
       start_proxy "$proxy"
       rounds[$proxy,$scenario]+="$(measure "$proxy" "$scenario" "$proxy_pid")"$'\n'
       stop_proxy
