@@ -954,9 +954,11 @@ impl IdleWatch {
 }
 
 /// Ends a connection the way hyper would: a FIN (and a TLS close_notify) after what was
-/// written, bounded in time for a client that reads nothing.
-async fn close<S: AsyncWrite + Unpin>(mut stream: S, within: Duration) {
-    let _ = tokio::time::timeout(within, stream.shutdown()).await;
+/// written, bounded in time for a client that reads nothing. False when that bound passed.
+async fn close<S: AsyncWrite + Unpin>(mut stream: S, within: Duration) -> bool {
+    tokio::time::timeout(within, stream.shutdown())
+        .await
+        .is_ok()
 }
 
 /// How long a lingering close waits for the client's next bytes, and how long it lingers at
@@ -975,10 +977,7 @@ async fn close_lingering<S: AsyncRead + AsyncWrite + Unpin>(
     within: Duration,
     shutdown: &watch::Receiver<bool>,
 ) {
-    if tokio::time::timeout(within, stream.shutdown())
-        .await
-        .is_err()
-    {
+    if !close(&mut stream, within).await {
         return;
     }
     let discard = async {
