@@ -72,6 +72,10 @@ pub struct ListenerConfig {
     /// Port in the redirect's `Location`. Default 443 (the public HTTPS port, e.g. of the
     /// Kubernetes Service in front of a TLS listener on 8443).
     pub https_port: Option<u16>,
+    /// Hand a connection over only once the client has sent something (Linux
+    /// `TCP_DEFER_ACCEPT`). Default true.
+    #[serde(default = "default_true")]
+    pub defer_accept: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -98,6 +102,7 @@ pub enum ListenerMode {
 pub struct Listener {
     pub addr: SocketAddr,
     pub mode: ListenerMode,
+    pub defer_accept: bool,
 }
 
 /// `[access_log]`: one line per request (client, host, method, path, status, bytes,
@@ -436,6 +441,7 @@ fn default_listeners() -> Vec<ListenerConfig> {
         tls: false,
         plain_http: PlainHttp::Serve,
         https_port: None,
+        defer_accept: true,
     }]
 }
 
@@ -573,7 +579,11 @@ impl Config {
                     },
                 },
             };
-            listeners.push(Listener { addr, mode });
+            listeners.push(Listener {
+                addr,
+                mode,
+                defer_accept: listener.defer_accept,
+            });
         }
 
         let routes = self.effective_routes(&domain, path)?;
@@ -1052,7 +1062,8 @@ mod tests {
             s.listeners,
             vec![Listener {
                 addr: "0.0.0.0:8080".parse().unwrap(),
-                mode: ListenerMode::Plain
+                mode: ListenerMode::Plain,
+                defer_accept: true,
             }]
         );
     }

@@ -1,6 +1,7 @@
-//! Client connections between requests: an idle HTTP/1.1 keep-alive connection is parked
-//! (hyper's buffers given up, the next request awaited with none) and serves its next
-//! requests as before, pipelined ones and upgrades with early bytes included.
+//! Client connections: how they are accepted (deferred until the client sends, or at once),
+//! and between requests: an idle HTTP/1.1 keep-alive connection is parked (hyper's buffers
+//! given up, the next request awaited with none) and serves its next requests as before,
+//! pipelined ones and upgrades with early bytes included.
 
 mod support;
 
@@ -129,4 +130,36 @@ async fn shutdown_closes_a_parked_connection_at_once() {
     assert!(done.is_ok(), "shutdown waited for a parked connection");
     let mut rest = Vec::new();
     assert_eq!(stream.read_to_end(&mut rest).await.unwrap(), 0);
+}
+
+/// A listener with `defer_accept = false` takes connections as soon as they open: HTTP/1.1,
+/// HTTP/2 with prior knowledge and a silent client all behave as on a deferring listener
+/// (the default, which the other tests use).
+#[tokio::test]
+async fn a_listener_that_accepts_at_once_serves_as_a_deferring_one_does() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy(&accepting_at_once(&config(
+        &cluster.routes(),
+        &["127.0.0.1"],
+        "[timeouts]\nclient_header = \"1s\"\n",
+    )))
+    .await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    let (head, _) = get_ok(&mut stream, "/first", "api.example.com").await;
+    assert!(head.contains("x-upstream: api"), "{head}");
+    get_ok(&mut stream, "/second", "files.example.com").await;
+    assert_eq!(cluster.files.last().target, "/second");
+
+    let (status, headers, _) = h2_get(addr(&proxy), "http://app.example.com/h2").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-upstream"], "app");
+
+    // Accepted at once, it meets the header timeout and is closed without an answer.
+    let mut silent = TcpStream::connect(addr(&proxy)).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, silent.read_to_end(&mut answer))
+        .await
+        .expect("the silent connection was kept open")
+        .unwrap();
+    assert!(answer.is_empty(), "{answer:?}");
 }

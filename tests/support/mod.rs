@@ -222,6 +222,17 @@ pub fn config(routes: &str, nodes: &[&str], extra: &str) -> String {
     )
 }
 
+/// `config` with its listener taking connections as soon as they open (`defer_accept =
+/// false`), for tests of clients that connect and send nothing: a deferring listener does
+/// not see those until the kernel hands them over, about a second later.
+pub fn accepting_at_once(config: &str) -> String {
+    config.replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\ndefer_accept = false\n",
+        1,
+    )
+}
+
 pub async fn proxy_for(cluster: &Cluster, extra: &str) -> RunningServer {
     proxy(&config(&cluster.routes(), &["127.0.0.1"], extra)).await
 }
