@@ -424,16 +424,18 @@ async fn accept_loop(
     let mut scratch = [0; FIRST_READ_BYTES];
     loop {
         // Waiting for a permit before accepting leaves excess clients in the kernel's
-        // backlog instead of accepting and dropping them.
+        // backlog instead of accepting and dropping them. The permit first, as the accept
+        // below: the shutdown's waiter is polled only when there is a wait.
         let permit = tokio::select! {
+            biased;
             permit = limit.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => return,
             },
             _ = shutdown.changed() => return,
         };
-        // Accepting first: a queue of clients is served before the shutdown's waiter is
-        // made and polled; `has_changed` below notices a shutdown that came meanwhile.
+        // A queue of clients is accepted without polling the shutdown's waiter each time;
+        // `has_changed` below notices a shutdown that came meanwhile.
         let (stream, peer) = tokio::select! {
             biased;
             accepted = listener.accept() => match accepted {
