@@ -1,7 +1,11 @@
 //! Listeners, the accept loop, the connection limit and graceful shutdown.
 //!
-//! Each accepted connection is served by hyper's HTTP/1.1 or HTTP/2 server, chosen by ALPN
-//! on TLS and by the first bytes on a plain listener (HTTP/2 with prior knowledge). An
+//! Listeners defer accepting until a client has sent something, so a plain connection's
+//! first bytes are read in the accept loop and it goes straight to the task that serves it;
+//! a TLS connection (or a plain one whose bytes are not there yet) first gets a set-up task
+//! for the handshake and the first read. Each is served by hyper's HTTP/1.1 or HTTP/2
+//! server, chosen by ALPN on TLS and by the first bytes on a plain listener (HTTP/2 with
+//! prior knowledge). An
 //! HTTP/1.1 connection idle between requests is parked: hyper's connection and its buffers
 //! are dropped and the next request's first byte is awaited with none (an upgrade's tunnel
 //! also runs in the connection's own task). Each holds one permit of the connection limit.
