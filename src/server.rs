@@ -257,6 +257,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         let read_at_accept = spec.defer_accept
             && match defer_accept(&listener) {
                 Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => false,
                 Err(e) => {
                     tracing::warn!(%addr, error = %e, "cannot defer accepting connections until they send; accepting them at once");
                     false
@@ -454,6 +455,8 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
         };
         if shutdown.has_changed().unwrap_or(true) {
+            // Dropped unanswered, as the connections still in the kernel's queue are when
+            // the listener closes.
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -995,9 +998,11 @@ where
     let result = {
         // The waiter is polled once, which registers this task for the shutdown's wake-up,
         // and after that only when the signal has changed: this loop runs at least twice per
-        // request, and each poll of the waiter takes its lock.
+        // request, and each poll of the waiter takes its lock. Unconstrained by tokio's
+        // task budget, or a first poll at the end of a busy turn could return without having
+        // registered, and this spell would never hear the shutdown.
         let mut watcher = conn.shutdown.clone();
-        let mut stop = std::pin::pin!(shutdown_requested(&mut watcher));
+        let mut stop = std::pin::pin!(tokio::task::unconstrained(shutdown_requested(&mut watcher)));
         let mut stop_registered = false;
         let shutdown = &conn.shutdown;
         let mut idle = IdleWatch::new(ledger.answered());

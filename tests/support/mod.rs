@@ -226,8 +226,10 @@ pub fn config(routes: &str, nodes: &[&str], extra: &str) -> String {
 /// false`), for tests of clients that connect and send nothing: a deferring listener does
 /// not see those until the kernel hands them over, about a second later.
 pub fn accepting_at_once(config: &str) -> String {
+    let listener = "address = \"127.0.0.1:0\"\n";
+    assert!(config.contains(listener), "no local listener in {config}");
     config.replacen(
-        "address = \"127.0.0.1:0\"\n",
+        listener,
         "address = \"127.0.0.1:0\"\ndefer_accept = false\n",
         1,
     )
