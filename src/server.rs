@@ -252,9 +252,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        // Only a plain listener reads at accept (a TLS connection's handshake needs a task
-        // anyway), but both are spared the wake-up for a connection that has sent nothing.
-        let read_at_accept = spec.defer_accept
+        let defers_accept = spec.defer_accept
             && match defer_accept(&listener) {
                 Ok(()) => true,
                 Err(e) if e.kind() == io::ErrorKind::Unsupported => false,
@@ -262,8 +260,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
                     tracing::warn!(%addr, error = %e, "cannot defer accepting connections until they send; accepting them at once");
                     false
                 }
-            }
-            && spec.mode != ListenerMode::Tls;
+            };
         let context = Arc::new(ListenerContext {
             mode: spec.mode,
             acceptor: match (&tls, spec.mode) {
@@ -271,7 +268,7 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
                 _ => None,
             },
             handshake_timeout: settings.config.timeouts.client_header,
-            read_at_accept,
+            defers_accept,
             hsts: hsts.clone(),
             metrics: metrics.clone(),
             builders: builders.clone(),
@@ -386,9 +383,8 @@ struct ListenerContext {
     mode: ListenerMode,
     acceptor: Option<TlsAcceptor>,
     handshake_timeout: Duration,
-    /// The kernel hands over connections with their first bytes (see [`defer_accept`]):
-    /// worth a read in the accept loop.
-    read_at_accept: bool,
+    /// The kernel hands over connections with their first bytes (see [`defer_accept`]).
+    defers_accept: bool,
     hsts: Option<Arc<HeaderValue>>,
     metrics: Arc<Metrics>,
     builders: Arc<ConnectionBuilders>,
@@ -471,36 +467,36 @@ async fn accept_loop(
             tokio::spawn(serve_tls(stream, peer, open, served));
             continue;
         }
-        if !context.read_at_accept {
-            let first = Vec::with_capacity(FIRST_READ_BYTES);
-            tokio::spawn(serve_plain(stream, peer, open, served, first));
-            continue;
-        }
-        match read_now(&stream, &mut scratch) {
-            Ok(0) => {} // closed before sending a byte
-            Ok(read) => {
-                let first = scratch[..read].to_vec();
-                match protocol_of(&first) {
-                    Some(protocol) => {
-                        let client = context.setup(peer, None);
-                        serve_connection(stream, first, protocol, client, served, open);
-                    }
-                    None => {
-                        tokio::spawn(serve_plain(stream, peer, open, served, first));
-                    }
+        // A plain connection on a deferring listener has its request there already: read
+        // here, it goes straight to its serving task. Otherwise (or with too few bytes to
+        // tell the protocol) a set-up task waits for them.
+        let first = if context.defers_accept {
+            match read_now(&stream, &mut scratch) {
+                Ok(0) => continue, // closed before sending a byte
+                Ok(read) => scratch[..read].to_vec(),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::debug!(client = %peer, error = %e, "connection ended before a request");
+                    continue;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                let first = Vec::with_capacity(FIRST_READ_BYTES);
-                tokio::spawn(serve_plain(stream, peer, open, served, first));
+        } else {
+            Vec::new()
+        };
+        match protocol_of(&first) {
+            Some(protocol) => {
+                let client = context.setup(peer, None);
+                serve_connection(stream, first, protocol, client, served, open);
             }
-            Err(e) => {
-                tracing::debug!(client = %peer, error = %e, "connection ended before a request");
+            None => {
+                tokio::spawn(serve_plain(stream, peer, open, served, first));
             }
         }
     }
@@ -604,12 +600,13 @@ const FIRST_READ_BYTES: usize = 4096;
 
 /// Reads a connection's first bytes to tell HTTP/2 prior knowledge from HTTP/1.1, in one
 /// read for any HTTP/1.1 request (hyper-util's auto builder reads the 24-byte preface length
-/// first, then hyper reads again: a system call more per connection). `None` when the
-/// client closed before sending a byte.
+/// first, then hyper reads again: a system call more per connection), after the bytes in
+/// `first` that were read already. `None` when the client closed before sending a byte.
 async fn read_first_bytes<S: AsyncRead + Unpin>(
     stream: &mut S,
     mut first: Vec<u8>,
 ) -> io::Result<Option<(Protocol, Vec<u8>)>> {
+    first.reserve(FIRST_READ_BYTES.saturating_sub(first.len()));
     loop {
         if stream.read_buf(&mut first).await? == 0 {
             return Ok(None);
@@ -735,7 +732,7 @@ async fn serve_tls(stream: TcpStream, peer: SocketAddr, open: OpenConnection, se
     } else {
         match Box::pin(first_bytes(
             &mut tls_stream,
-            Vec::with_capacity(FIRST_READ_BYTES),
+            Vec::new(),
             peer,
             timeout,
             &served.shutdown,

@@ -138,12 +138,7 @@ async fn shutdown_closes_a_parked_connection_at_once() {
 #[tokio::test]
 async fn a_listener_that_accepts_at_once_serves_as_a_deferring_one_does() {
     let cluster = Cluster::echo().await;
-    let proxy = proxy(&accepting_at_once(&config(
-        &cluster.routes(),
-        &["127.0.0.1"],
-        "[timeouts]\nclient_header = \"1s\"\n",
-    )))
-    .await;
+    let proxy = proxy_accepting_at_once(&cluster, "[timeouts]\nclient_header = \"1s\"\n").await;
     let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
     let (head, _) = get_ok(&mut stream, "/first", "api.example.com").await;
     assert!(head.contains("x-upstream: api"), "{head}");

@@ -199,11 +199,10 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
 #[tokio::test]
 async fn shutdown_closes_silent_and_idle_connections_at_once() {
     let cluster = Cluster::echo().await;
-    let proxy = proxy(&accepting_at_once(&config(
-        &cluster.routes(),
-        &["127.0.0.1"],
+    let proxy = proxy_accepting_at_once(
+        &cluster,
         "[timeouts]\nclient_header = \"60s\"\nshutdown_drain = \"60s\"\n",
-    )))
+    )
     .await;
     let proxy_addr = addr(&proxy);
     let mut silent = tokio::net::TcpStream::connect(proxy_addr).await.unwrap();

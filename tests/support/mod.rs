@@ -222,21 +222,28 @@ pub fn config(routes: &str, nodes: &[&str], extra: &str) -> String {
     )
 }
 
-/// `config` with its listener taking connections as soon as they open (`defer_accept =
-/// false`), for tests of clients that connect and send nothing: a deferring listener does
-/// not see those until the kernel hands them over, about a second later.
-pub fn accepting_at_once(config: &str) -> String {
+/// The proxy for `cluster`'s routes, its listener taking connections as soon as they open
+/// (`defer_accept = false`): for tests of clients that connect and send nothing, which a
+/// deferring listener does not see until the kernel hands them over, about a second later.
+pub async fn proxy_accepting_at_once(cluster: &Cluster, extra: &str) -> RunningServer {
+    let config = cluster_config(cluster, extra);
     let listener = "address = \"127.0.0.1:0\"\n";
     assert!(config.contains(listener), "no local listener in {config}");
-    config.replacen(
+    proxy(&config.replacen(
         listener,
         "address = \"127.0.0.1:0\"\ndefer_accept = false\n",
         1,
-    )
+    ))
+    .await
 }
 
 pub async fn proxy_for(cluster: &Cluster, extra: &str) -> RunningServer {
-    proxy(&config(&cluster.routes(), &["127.0.0.1"], extra)).await
+    proxy(&cluster_config(cluster, extra)).await
+}
+
+/// A config for `cluster`'s routes on one local node, with `extra` appended.
+fn cluster_config(cluster: &Cluster, extra: &str) -> String {
+    config(&cluster.routes(), &["127.0.0.1"], extra)
 }
 
 pub fn addr(server: &RunningServer) -> SocketAddr {
