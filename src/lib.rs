@@ -18,6 +18,7 @@ pub mod config;
 pub mod discovery;
 pub mod framing;
 pub mod health;
+pub mod http1;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
