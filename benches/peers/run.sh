@@ -3,6 +3,7 @@
 # node ports, keep-alive to the upstreams), each with one worker pinned to core 0, the load
 # generator and the upstreams on core 1, plus "direct" runs straight to an upstream (the
 # ceiling). Prints a Markdown table. Bounded in time; stops only the processes it started.
+# The configurations are in benches/peers/configs.sh (benches/instructions.sh uses them too).
 #
 #   bash benches/peers/run.sh
 #
@@ -58,13 +59,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
 cat "$work/cert.pem" "$work/key.pem" > "$work/haproxy.pem"
 
-# The top of an nginx config: one worker, no daemon, files in $work. $1 names the pid and
-# log files, $2 is worker_connections.
-nginx_globals() {
-  echo "daemon off; master_process off; worker_processes 1; pid $work/$1.pid;"
-  echo "worker_rlimit_nofile $FD_LIMIT; error_log $work/$1.err;"
-  echo "events { worker_connections $2; }"
-}
+. benches/peers/configs.sh
 
 # Waits up to 5 s for URL to answer (with Host: $2 when given); fails otherwise.
 wait_ready() {
@@ -80,87 +75,15 @@ wait_ready() {
 # Upstreams: one nginx, one worker, on core 1, answering the three node ports (and TLS on
 # 30443 for the direct HTTPS runs).
 head -c 1048576 /dev/zero > "$work/1m"
-cat > "$work/upstream.conf" <<EOF
-$(nginx_globals upstream 16384)
-http {
-  access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:30080; listen 127.0.0.1:30081; listen 127.0.0.1:30008;
-    listen 127.0.0.1:30443 ssl http2; ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;
-    location = /1m { alias $work/1m; }
-    location / { return 200 "ok\n"; } }
-}
-EOF
+upstream_conf > "$work/upstream.conf"
 taskset -c 1 nginx -c "$work/upstream.conf" -p "$work" & pids+=($!)
 wait_ready http://127.0.0.1:30008/ || { echo "the upstream nginx did not start" >&2; exit 1; }
 
-cat > "$work/nginx.conf" <<EOF
-$(nginx_globals nginx 32768)
-http {
-  access_log off; keepalive_requests 1000000;
-  upstream app { server 127.0.0.1:30080; keepalive 64; }
-  upstream files { server 127.0.0.1:30081; keepalive 64; }
-  upstream api { server 127.0.0.1:30008; keepalive 64; }
-  proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host \$host;
-  # Streaming with 64 KiB buffers (nginx's 4-8 KiB default costs it 3x the CPU on 1 MiB
-  # bodies; buffering to disk costs more), and TLS 1.3, nginx's default since 1.23.4
-  # (Debian 12's 1.22 would otherwise stop at TLS 1.2).
-  proxy_buffering off; proxy_buffer_size 64k; proxy_buffers 4 64k;
-  ssl_protocols TLSv1.2 TLSv1.3;
-  ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;
-  server { listen 127.0.0.1:$PLAIN_PORT; listen 127.0.0.1:$TLS_PORT ssl http2;
-    server_name app.example.com; location / { proxy_pass http://app; } }
-  server { listen 127.0.0.1:$PLAIN_PORT; listen 127.0.0.1:$TLS_PORT ssl http2;
-    server_name files.example.com; location / { proxy_pass http://files; } }
-  server { listen 127.0.0.1:$PLAIN_PORT; listen 127.0.0.1:$TLS_PORT ssl http2;
-    server_name api.example.com; location / { proxy_pass http://api; } }
-}
-EOF
-
-cat > "$work/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  # 64 KiB buffers, as nginx gets (HAProxy's default is 16 KiB).
-  tune.bufsize 65536
-  # HAProxy reserves two descriptors per connection and refuses a maxconn the open-file
-  # limit cannot cover: with a limit of 20000 it holds at most 9990 client connections.
-  maxconn $(( IDLE_CONNECTIONS + 1000 < (FD_LIMIT - 20) / 2 ? IDLE_CONNECTIONS + 1000 : (FD_LIMIT - 20) / 2 ))
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 300s
-  timeout server 300s
-  http-reuse always
-frontend edge
-  bind 127.0.0.1:$PLAIN_PORT
-  bind 127.0.0.1:$TLS_PORT ssl crt $work/haproxy.pem alpn h2,http/1.1
-  use_backend app if { hdr(host) -i app.example.com }
-  use_backend files if { hdr(host) -i files.example.com }
-  default_backend api
-backend app
-  server n1 127.0.0.1:30080
-backend files
-  server n1 127.0.0.1:30081
-backend api
-  server n1 127.0.0.1:30008
-EOF
-
-cat > "$work/edge.toml" <<EOF
-domain = "example.com"
-[[listeners]]
-address = "127.0.0.1:$PLAIN_PORT"
-[[listeners]]
-address = "127.0.0.1:$TLS_PORT"
-tls = true
-[tls]
-certificates = [{ cert = "$work/cert.pem", key = "$work/key.pem" }]
-[discovery.static]
-nodes = ["127.0.0.1"]
-[health]
-interval = "1h"
-[limits]
-max_connections = $((IDLE_CONNECTIONS + 1000))
-EOF
+nginx_proxy_conf > "$work/nginx.conf"
+# HAProxy reserves two descriptors per connection and refuses a maxconn the open-file
+# limit cannot cover: with a limit of 20000 it holds at most 9990 client connections.
+haproxy_conf "$(( IDLE_CONNECTIONS + 1000 < (FD_LIMIT - 20) / 2 ? IDLE_CONNECTIONS + 1000 : (FD_LIMIT - 20) / 2 ))" > "$work/haproxy.cfg"
+edge_conf "$((IDLE_CONNECTIONS + 1000))" > "$work/edge.toml"
 
 # wrk script: rotate the three hosts.
 cat > "$work/mixed.lua" <<'EOF'
