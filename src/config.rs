@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+// Defined in `tls`, which loads the files, so that the dependency goes one way: this module
+// validates certificates with `tls`, and `tls` needs nothing from here.
+pub use crate::tls::CertificateFiles;
+
 /// The ClearML Server NodePort services, as its Kubernetes install guide publishes them:
 /// (route name = host label, node port).
 pub const CLEARML_ROUTES: [(&str, u16); 3] = [("app", 30080), ("files", 30081), ("api", 30008)];
@@ -147,15 +151,6 @@ pub struct TlsConfig {
     /// `Strict-Transport-Security` value added to HTTPS responses, e.g.
     /// "max-age=31536000; includeSubDomains". Default: none.
     pub hsts: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertificateFiles {
-    /// PEM certificate chain: the server certificate first, then intermediates.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
-    pub key: PathBuf,
 }
 
 fn default_reload_interval() -> Duration {

@@ -9,7 +9,7 @@
 //! per request and never locks. [`server`] owns listeners, connections and shutdown.
 
 // One exception, allowed where it stands with its proof: a setsockopt call the safe
-// crates do not offer (`server::defer_accept`).
+// crates do not offer (`server::accept::defer_accept`).
 #![deny(unsafe_code)]
 
 pub mod admin;

@@ -19,8 +19,7 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-use crate::config::CertificateFiles;
+use serde::Deserialize;
 
 /// A certificate problem, naming the file and the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +42,19 @@ impl fmt::Display for TlsError {
 }
 
 impl std::error::Error for TlsError {}
+
+/// One `[[tls.certificates]]` entry of the configuration: a certificate chain and its key.
+/// Part of the configuration schema (`config` re-exports it), defined here so that the
+/// dependency goes one way: `config` validates certificates with this module, and this module
+/// needs nothing from `config`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM certificate chain: the server certificate first, then intermediates.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key: PathBuf,
+}
 
 /// One loaded certificate chain with its key, the names it covers and when it expires.
 #[derive(Debug)]
