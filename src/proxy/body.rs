@@ -1,18 +1,17 @@
-//! The two bodies the proxy hands to hyper: the client's request body on its way to a node,
-//! and the response body on its way back. Both stream frame by frame: hyper only polls the
-//! next frame when the other side has taken the last one, which is the back-pressure.
+//! The two bodies of an exchange: the client's request body on its way to a node (read by
+//! the node connection as it writes), and the response body on its way back (read by the
+//! client's connection). Both stream frame by frame: the next frame is read only when the
+//! other side has taken the last one, which is the back-pressure.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::sync::oneshot;
-
 use super::client::BodyReadMark;
 use crate::metrics::RequestRecord;
 use crate::snapshot::InFlightGuard;
-use crate::upstream::Sender;
+use crate::upstream::NodeResponseBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -37,8 +36,6 @@ pub struct RequestBody {
     seen: u64,
     /// The route's request-bytes counter.
     bytes_in: Option<prometheus_client::metrics::counter::Counter>,
-    /// Fires when the body is complete (or abandoned), starting the response-header timer.
-    sent: Option<oneshot::Sender<()>>,
     /// Tells the client connection the body was read to its end (never when abandoned).
     read_mark: Option<BodyReadMark>,
 }
@@ -48,7 +45,6 @@ impl RequestBody {
         inner: Option<Incoming>,
         first: Option<Frame<Bytes>>,
         limit: Option<u64>,
-        sent: Option<oneshot::Sender<()>>,
     ) -> Self {
         let seen = first
             .as_ref()
@@ -60,7 +56,6 @@ impl RequestBody {
             limit,
             seen,
             bytes_in: None,
-            sent,
             read_mark: None,
         }
     }
@@ -88,13 +83,6 @@ impl RequestBody {
     fn complete(&mut self) {
         if let Some(mark) = self.read_mark.take() {
             mark.mark();
-        }
-        self.finish();
-    }
-
-    fn finish(&mut self) {
-        if let Some(tx) = self.sent.take() {
-            let _ = tx.send(());
         }
     }
 }
@@ -127,10 +115,7 @@ impl Body for RequestBody {
                 this.complete();
                 Poll::Ready(None)
             }
-            Some(Err(e)) => {
-                this.finish();
-                Poll::Ready(Some(Err(ClientBodyError::Read(e).into())))
-            }
+            Some(Err(e)) => Poll::Ready(Some(Err(ClientBodyError::Read(e).into()))),
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
@@ -138,7 +123,6 @@ impl Body for RequestBody {
                         counter.inc_by(data.len() as u64);
                     }
                     if let Some(limit) = this.limit.filter(|l| this.seen > *l) {
-                        this.finish();
                         return Poll::Ready(Some(Err(ClientBodyError::TooLarge(limit).into())));
                     }
                 }
@@ -164,12 +148,6 @@ impl Body for RequestBody {
     }
 }
 
-impl Drop for RequestBody {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
 /// What the proxy answers with: a node's streamed body, or a short body of its own, plus
 /// the request's record, completed (metrics, access log) when the body is dropped.
 pub struct ResponseBody {
@@ -181,21 +159,16 @@ enum Kind {
     /// Streams from the node; the guard counts the request as in flight until the last byte,
     /// and the connection goes back to the node's idle pool after it.
     Upstream {
-        body: Incoming,
+        body: NodeResponseBody,
         in_flight: InFlightGuard,
-        connection: Option<Sender>,
     },
     Synthetic(Option<Bytes>),
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, in_flight: InFlightGuard, connection: Sender) -> Self {
+    pub fn upstream(body: NodeResponseBody, in_flight: InFlightGuard) -> Self {
         let mut body = ResponseBody {
-            kind: Kind::Upstream {
-                body,
-                in_flight,
-                connection: Some(connection),
-            },
+            kind: Kind::Upstream { body, in_flight },
             record: None,
         };
         // A response with no body (204, 304, HEAD) is done already.
@@ -223,16 +196,9 @@ impl ResponseBody {
     }
 
     fn release_if_done(&mut self) {
-        if let Kind::Upstream {
-            body,
-            in_flight,
-            connection,
-        } = &mut self.kind
-        {
-            if body.is_end_stream() {
-                if let Some(sender) = connection.take() {
-                    in_flight.backend().pool.put_back(sender);
-                }
+        if let Kind::Upstream { body, in_flight } = &mut self.kind {
+            if let Some(conn) = body.finished_connection() {
+                in_flight.backend().pool.put_back(conn);
             }
         }
     }
@@ -240,12 +206,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Upstream { body, .. } => {
@@ -253,7 +219,7 @@ impl Body for ResponseBody {
                 if let Poll::Ready(None) | Poll::Ready(Some(Ok(_))) = &polled {
                     this.release_if_done();
                 }
-                polled
+                polled.map_err(BoxError::from)
             }
             Kind::Synthetic(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };

@@ -17,12 +17,12 @@ use std::sync::{Arc, Mutex};
 use hyper::body::{Body, Incoming};
 use hyper::header::HeaderValue;
 use hyper::{Request, Version};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::headers;
 use crate::framing::FramingReport;
 use crate::snapshot::InFlightGuard;
+use crate::upstream::NodeConnection;
 
 /// What the handler needs to know about the client connection a request came on.
 ///
@@ -45,7 +45,7 @@ pub struct ClientConn {
     pub framing: Arc<FramingReport>,
     pub ledger: Ledger,
     /// An upgrade the node accepted, waiting for the client side of the connection.
-    tunnel: Mutex<Option<PendingTunnel>>,
+    tunnel: Mutex<Option<Box<PendingTunnel>>>,
 }
 
 impl ClientConn {
@@ -90,11 +90,12 @@ impl ClientConn {
 
     /// Leaves a tunnel for the connection's loop to run once the 101 is written.
     pub fn hand_over_tunnel(&self, tunnel: PendingTunnel) {
-        *self.tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+        // Boxed: rare, and the record is kept small for every connection.
+        *self.tunnel.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(tunnel));
     }
 
     /// The tunnel left by the last request, if its node switched protocols.
-    pub fn take_tunnel(&self) -> Option<PendingTunnel> {
+    pub fn take_tunnel(&self) -> Option<Box<PendingTunnel>> {
         self.tunnel.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -210,22 +211,24 @@ impl BodyReadMark {
 /// is free.
 #[derive(Debug)]
 pub struct PendingTunnel {
-    pub upstream: hyper::upgrade::OnUpgrade,
+    pub upstream: NodeConnection,
     pub in_flight: InFlightGuard,
 }
 
 impl PendingTunnel {
-    /// Copies bytes both ways between the client and the node until either side closes.
+    /// Copies bytes both ways between the client and the node until either side closes; what
+    /// the node sent right after its 101 goes first.
     pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(self, mut client: C) {
         let node = self.in_flight.backend().authority.clone();
-        match self.upstream.await {
-            Ok(upstream) => {
-                let mut upstream = TokioIo::new(upstream);
-                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                    tracing::debug!(%node, error = %e, "upgraded connection ended");
-                }
+        let (mut upstream, early) = self.upstream.into_upgraded();
+        let copied = async {
+            if !early.is_empty() {
+                client.write_all(&early).await?;
             }
-            Err(e) => tracing::warn!(%node, error = %e, "upgrade failed"),
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+        };
+        if let Err(e) = copied.await {
+            tracing::debug!(%node, error = %e, "upgraded connection ended");
         }
         drop(self.in_flight);
     }

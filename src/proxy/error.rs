@@ -37,7 +37,7 @@ pub enum ProxyError {
     UpstreamFailed {
         node: String,
         #[source]
-        source: hyper::Error,
+        source: crate::upstream::ExchangeError,
     },
     #[error("{node} switched protocols without being asked")]
     UnexpectedUpgrade { node: String },

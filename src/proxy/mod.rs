@@ -15,19 +15,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, EXPECT, HOST, TRANSFER_ENCODING};
+use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use tokio::sync::oneshot;
 
 use crate::balance::{self, RetryBudget};
 use crate::config::Config;
+use crate::http1::{self, BodyFraming};
 use crate::metrics::{AccessEntry, Metrics, RequestRecord, RouteMetrics};
-use crate::routing::normalize_host;
-use crate::snapshot::{now_ms, Backend, Snapshot};
-use body::{ClientBodyError, RequestBody, ResponseBody};
+use crate::routing::{normalize_host, RouteId};
+use crate::snapshot::{now_ms, Backend, InFlightGuard, RoutePool, Snapshot};
+use crate::upstream::{ConnectError, ExchangeError, Exchanged};
+use body::{BoxError, ClientBodyError, RequestBody, ResponseBody};
 pub use client::ClientConn;
 use client::PendingTunnel;
 pub use error::ProxyError;
@@ -127,6 +130,8 @@ impl Proxy {
         response
     }
 
+    /// The phases, in order; each returns what the next needs, or the error that ends the
+    /// request.
     async fn proxy(
         &self,
         req: Request<Incoming>,
@@ -135,290 +140,369 @@ impl Proxy {
         snapshot: Arc<Snapshot>,
         outcome: &mut Outcome,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        // Phase: route.
-        let settings = snapshot.settings.clone();
-        let host = request_host(&req)?;
-        let route_id = host
-            .to_str()
-            .ok()
-            .and_then(|h| snapshot.table.lookup(h))
-            .ok_or(ProxyError::UnknownHost)?;
-        let route = snapshot.table.route(route_id);
+        let (route_id, host) = route(&req, conn, &snapshot)?;
         let pool = snapshot.pool(route_id);
         outcome.route = Some(pool.metrics.clone());
-        if let Some(sni) = &conn.sni {
-            let requested = host.to_str().map(normalize_host).unwrap_or_default();
-            if !requested.eq_ignore_ascii_case(sni) {
-                return Err(ProxyError::Misdirected);
-            }
-        }
         if let Some(port) = conn.redirect_https_port {
             return Ok(redirect_to_https(&host, port, req.uri()));
         }
-
-        // Phase: check framing and limits before anything is sent upstream. hyper has refused
-        // conflicting lengths and non-chunked codings; a head with both length fields is
-        // only visible to the raw-stream watcher (hyper drops Content-Length from it).
-        if conn.framing.is_ambiguous(ordinal) {
-            return Err(ProxyError::AmbiguousLength);
-        }
-        let chunked = req.headers().contains_key(TRANSFER_ENCODING);
-        if let (Some(limit), Some(len)) = (route.max_body_bytes, req.body().size_hint().exact()) {
-            if len > limit {
-                return Err(ProxyError::BodyTooLarge(limit));
-            }
-        }
-        let body_limit = route.max_body_bytes;
-
-        // Phase: prepare the node-independent part of the upstream request.
-        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
-        let (mut parts, mut body) = req.into_parts();
-        // Origin form, byte for byte: the node gets the client's path and query untouched.
-        // An absolute-form or HTTP/2 target names the host itself, which then goes in `Host`;
-        // otherwise `Host` is where the host came from, and stays as it is.
-        let target_names_host = parts.uri.authority().is_some();
-        if target_names_host || parts.uri.scheme().is_some() {
-            parts.uri = Uri::from(
-                parts
-                    .uri
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
-            );
-        }
-        parts.version = Version::HTTP_11;
-        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        // The Expect handshake is answered by the edge when the body is first read.
-        parts.headers.remove(EXPECT);
-        if target_names_host {
-            parts.headers.insert(HOST, host.clone());
-        }
-        headers::add_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto(), host);
-
-        // A malformed chunked body must be refused before the node sees the request, so its
-        // first frame is read here; a sized body is framed by hyper and needs no look.
-        let first = if chunked && !body.is_end_stream() {
-            match body.frame().await {
-                Some(Ok(frame)) => Some(frame),
-                Some(Err(e)) => return Err(ProxyError::BadBody(e)),
-                None => None,
-            }
-        } else {
-            None
-        };
-        let first_len = first
-            .as_ref()
-            .and_then(|f| f.data_ref())
-            .map_or(0, |d| d.len());
-        if let Some(limit) = body_limit.filter(|l| first_len as u64 > *l) {
-            return Err(ProxyError::BodyTooLarge(limit));
-        }
-        let has_body = first.is_some() || !body.is_end_stream();
-        // Once written, only a bodyless idempotent request may go again (never an upload:
-        // ClearML's are not idempotent and its SDK retries on its own), and only to another
-        // node: with one node there is nowhere to send it, and no copy of the head to make.
-        let replay =
-            (!has_body && !upgrade && pool.backends.len() > 1 && is_idempotent(&parts.method))
-                .then(|| Replay {
-                    method: parts.method.clone(),
-                    uri: parts.uri.clone(),
-                    headers: parts.headers.clone(),
-                });
-        // Only a request with a body needs to say when it is sent; without one the
-        // response-header timer starts at once (saving a channel and a wake-up per request).
-        let (sent_tx, mut sent_rx) = if has_body {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let mut request = Request::from_parts(
-            parts,
-            RequestBody::new(Some(body), first, body_limit, sent_tx)
-                .count_into(pool.metrics.bytes_in.clone())
-                .marks_read(conn.body_read_mark(ordinal)),
-        );
+        let route = snapshot.table.route(route_id);
+        let (mut parts, mut body, framing) = check(req, conn, ordinal, route.max_body_bytes).await?;
+        body = body.count_into(pool.metrics.bytes_in.clone());
+        let outbound = prepare(&mut parts, framing, host, conn, pool.backends.len());
         self.budget.deposit();
+        let target = Target {
+            snapshot: &snapshot,
+            pool,
+            route: &route.name,
+        };
+        let (exchanged, in_flight) = self.send(&outbound, &mut body, &target, outcome).await?;
+        // An answer before the body ended (a refused upload): the rest of the body is not
+        // taken from the client (on HTTP/2 the stream is reset once the answer is sent).
+        drop(body);
+        drop(snapshot);
+        answer(exchanged, in_flight, outbound.upgrade, conn)
+    }
 
-        // Phases: select, connect, send. The node is chosen and connected before the request
-        // is handed over, so a failed connect moves on to another node with nothing lost.
+    /// Phases select and send: a node is chosen and connected, then the request is sent to
+    /// it; after a failure [`Proxy::after_failure`] says whether and where it goes again.
+    async fn send(
+        &self,
+        outbound: &Outbound,
+        body: &mut RequestBody,
+        target: &Target<'_>,
+        outcome: &mut Outcome,
+    ) -> Result<(Exchanged, InFlightGuard), ProxyError> {
+        let settings = &target.snapshot.settings;
         let mut failed: Vec<Arc<Backend>> = Vec::new();
-        let mut last_error: Option<ProxyError> = None;
-        let mut attempts = 0;
-        // Whether the budget has paid for the failure just recorded in `failed`.
-        let mut retry_paid = true;
-        let (response, in_flight, sender) = loop {
-            attempts += 1;
-            let give_up = |last_error: Option<ProxyError>| {
-                last_error.unwrap_or_else(|| {
-                    if snapshot.synced {
-                        ProxyError::NoBackend {
-                            route: route.name.clone(),
-                        }
-                    } else {
-                        ProxyError::NotReady
-                    }
-                })
+        let mut last_error = None;
+        // A failure recorded in `failed` that the retry budget has not paid for yet.
+        let mut unpaid = false;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(choice) = balance::choose(target.pool, settings.algorithm, &failed, now_ms())
+            else {
+                break;
             };
-            if attempts > MAX_ATTEMPTS {
-                return Err(give_up(last_error));
-            }
-            let Some(choice) = balance::choose(pool, settings.algorithm, &failed, now_ms()) else {
-                return Err(give_up(last_error));
-            };
-            // A retry after a failure spends budget only once there is a node to retry on.
-            if !failed.is_empty() && !retry_paid {
+            // A retry spends budget only once there is a node to retry on.
+            if unpaid {
                 if !self.budget.try_withdraw() {
-                    return Err(give_up(last_error));
+                    break;
                 }
-                retry_paid = true;
+                unpaid = false;
                 outcome.retries += 1;
                 if let Some(previous) = failed.last() {
-                    self.metrics
-                        .retries
-                        .get_or_create(&Metrics::node_labels(
-                            &route.name,
-                            previous.authority.as_str(),
-                        ))
-                        .inc();
+                    self.count(&self.metrics.retries, target.route, previous);
                 }
             }
             if choice.fail_open {
-                let now = now_ms();
-                let last = pool
-                    .fail_open_logged
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if fail_open_is_due(last, now)
-                    && pool
-                        .fail_open_logged
-                        .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    tracing::warn!(route = %route.name, "no healthy node: trying them anyway (fail open)");
-                }
+                log_fail_open(target.pool, target.route);
             }
             let backend = choice.backend.clone();
             let in_flight = backend.start_request();
-            let node = backend.authority.as_str();
-            let mut sender = match backend.pool.checkout(&backend.target).await {
-                Ok(sender) => sender,
-                Err(e) => {
-                    let ejected = backend.record_failure();
-                    self.count_failure(&route.name, node);
-                    tracing::warn!(%node, error = %e, ejected_secs = ejected.as_secs(), "connect failed; node ejected");
-                    last_error = Some(ProxyError::ConnectFailed {
-                        node: node.to_string(),
-                        reason: e.to_string(),
-                    });
-                    failed.push(backend);
-                    retry_paid = false;
-                    continue;
-                }
-            };
-            // The response-header timer starts once the body is fully sent (at once for a
-            // request without one), so a long upload is never cut by it.
-            let exchange = sender.try_send_request(request);
-            tokio::pin!(exchange);
-            let answered_while_sending = match sent_rx.as_mut() {
-                Some(sent) => tokio::select! {
-                    result = &mut exchange => Some(result),
-                    _ = sent => None,
-                },
-                None => None,
-            };
-            let result = match answered_while_sending {
-                Some(result) => result,
-                None => {
-                    // The body is sent (or there was none): nothing is left to wait for.
-                    sent_rx = None;
-                    match tokio::time::timeout(settings.response_header_timeout, &mut exchange)
-                        .await
-                    {
-                        Ok(result) => result,
-                        Err(_) => {
-                            return Err(ProxyError::UpstreamTimeout {
-                                node: node.to_string(),
-                                secs: settings.response_header_timeout.as_secs(),
-                            })
-                        }
-                    }
-                }
-            };
-            match result {
-                Ok(response) => {
+            match attempt(&backend, outbound, body, settings.response_header_timeout).await {
+                Ok(exchanged) => {
                     backend.record_success();
                     outcome.node = Some(backend.authority.clone());
-                    break (response, in_flight, sender);
+                    return Ok((exchanged, in_flight));
                 }
-                Err(mut e) => {
-                    if let Some(unsent) = e.take_message() {
-                        // Never written (a pooled connection the node had closed): the same
-                        // request goes again, as it is.
-                        request = unsent;
-                        continue;
+                Err(failure) => match self.after_failure(failure, &backend, outbound, target.route) {
+                    Next::SameRequestAgain => {}
+                    Next::Elsewhere(error) => {
+                        last_error = Some(error);
+                        failed.push(backend);
+                        unpaid = true;
                     }
-                    let error = e.into_error();
-                    if let Some(client_fault) = client_body_error(&error) {
-                        return Err(client_fault);
-                    }
-                    let ejected = backend.record_failure();
-                    self.count_failure(&route.name, node);
-                    tracing::warn!(%node, error = %error, ejected_secs = ejected.as_secs(), "node failed before answering; node ejected");
-                    last_error = Some(ProxyError::UpstreamFailed {
-                        node: node.to_string(),
-                        source: error,
-                    });
-                    failed.push(backend);
-                    retry_paid = false;
-                    match &replay {
-                        Some(replay) => {
-                            request = replay.request(RequestBody::new(None, None, None, None));
-                        }
-                        None => return Err(give_up(last_error)),
-                    }
-                }
+                    Next::GiveUp(error) => return Err(error),
+                },
             }
-        };
-        drop(snapshot);
+        }
+        Err(last_error.unwrap_or_else(|| no_node(target)))
+    }
 
-        // Phase: answer.
-        let node = in_flight.backend().authority.as_str();
-        let (mut parts, upstream_body) = response.into_parts();
-        // The client's hop speaks HTTP/1.1 (or h2) whatever version the node answered in.
-        parts.version = Version::HTTP_11;
-        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            if !upgrade {
-                return Err(ProxyError::UnexpectedUpgrade {
+    /// The retry decision, with its reasons: what a failed attempt means for the request.
+    fn after_failure(
+        &self,
+        failure: Failure,
+        backend: &Backend,
+        outbound: &Outbound,
+        route: &str,
+    ) -> Next {
+        let node = backend.authority.as_str();
+        let error = match failure {
+            // Nothing was sent: any other node can take the request as it is.
+            Failure::Connect(e) => {
+                let ejected = backend.record_failure();
+                self.count(&self.metrics.connect_errors, route, backend);
+                tracing::warn!(%node, error = %e, ejected_secs = ejected.as_secs(), "connect failed; node ejected");
+                return Next::Elsewhere(ProxyError::ConnectFailed {
                     node: node.to_string(),
+                    reason: e.to_string(),
                 });
             }
-            headers::strip_hop_by_hop(&mut parts.headers, true);
-            let upstream_upgrade =
-                hyper::upgrade::on(Response::from_parts(parts.clone(), upstream_body));
-            // The client's side is free once the 101 is written: the connection's loop
-            // takes the tunnel from there.
-            conn.hand_over_tunnel(PendingTunnel {
-                upstream: upstream_upgrade,
-                in_flight,
-            });
-            return Ok(Response::from_parts(parts, ResponseBody::empty()));
+            // A pooled connection the node had closed: it read nothing, so nothing is lost
+            // and the node is not to blame.
+            Failure::Exchange(ExchangeError::Stale) => return Next::SameRequestAgain,
+            Failure::Exchange(ExchangeError::RequestBody(e)) => {
+                return Next::GiveUp(client_body_error(e))
+            }
+            // Not retried: the node may still be working on it (and the SDK does not retry
+            // a 504 either).
+            Failure::Exchange(ExchangeError::Timeout(timeout)) => {
+                return Next::GiveUp(ProxyError::UpstreamTimeout {
+                    node: node.to_string(),
+                    secs: timeout.as_secs(),
+                })
+            }
+            Failure::Exchange(error) => error,
+        };
+        // Written, and the node failed before answering.
+        let ejected = backend.record_failure();
+        self.count(&self.metrics.connect_errors, route, backend);
+        tracing::warn!(%node, error = %error, ejected_secs = ejected.as_secs(), "node failed before answering; node ejected");
+        let error = ProxyError::UpstreamFailed {
+            node: node.to_string(),
+            source: error,
+        };
+        if outbound.replayable {
+            Next::Elsewhere(error)
+        } else {
+            Next::GiveUp(error)
         }
-        headers::strip_hop_by_hop(&mut parts.headers, false);
-        Ok(Response::from_parts(
-            parts,
-            ResponseBody::upstream(upstream_body, in_flight, sender),
-        ))
+    }
+
+    /// A failure or retry, counted per route and node (a rare path: the labelled family's
+    /// lock is fine here).
+    fn count(
+        &self,
+        family: &prometheus_client::metrics::family::Family<
+            crate::metrics::NodeLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+        route: &str,
+        backend: &Backend,
+    ) {
+        family
+            .get_or_create(&Metrics::node_labels(route, backend.authority.as_str()))
+            .inc();
     }
 }
 
-impl Proxy {
-    /// A connect failure or reset, counted per route and node (a rare path: the labelled
-    /// family's lock is fine here).
-    fn count_failure(&self, route: &str, node: &str) {
-        self.metrics
-            .connect_errors
-            .get_or_create(&Metrics::node_labels(route, node))
-            .inc();
+/// Where a request may go: its route's nodes in the snapshot it was routed with.
+struct Target<'a> {
+    snapshot: &'a Snapshot,
+    pool: &'a RoutePool,
+    route: &'a str,
+}
+
+/// A request ready for the nodes: its head written out once for every attempt, and what
+/// the retry decision needs to know of it.
+struct Outbound {
+    head: Bytes,
+    method: Method,
+    framing: BodyFraming,
+    upgrade: bool,
+    /// Written to a node that failed before answering, it may go to another node: no body
+    /// (never an upload: ClearML's are not idempotent and its SDK retries on its own), not
+    /// an upgrade, an idempotent method, and another node to go to.
+    replayable: bool,
+}
+
+/// How one attempt failed.
+enum Failure {
+    Connect(ConnectError),
+    Exchange(ExchangeError),
+}
+
+/// What follows a failed attempt.
+enum Next {
+    SameRequestAgain,
+    Elsewhere(ProxyError),
+    GiveUp(ProxyError),
+}
+
+/// Phase route: the host, its route, and the TLS name it must match.
+fn route(
+    req: &Request<Incoming>,
+    conn: &ClientConn,
+    snapshot: &Snapshot,
+) -> Result<(RouteId, HeaderValue), ProxyError> {
+    let host = request_host(req)?;
+    let route_id = host
+        .to_str()
+        .ok()
+        .and_then(|h| snapshot.table.lookup(h))
+        .ok_or(ProxyError::UnknownHost)?;
+    if let Some(sni) = &conn.sni {
+        let requested = host.to_str().map(normalize_host).unwrap_or_default();
+        if !requested.eq_ignore_ascii_case(sni) {
+            return Err(ProxyError::Misdirected);
+        }
+    }
+    Ok((route_id, host))
+}
+
+/// Phase check: framing and limits, before anything is sent to a node. Returns the head, the
+/// body to forward and how the node's hop frames it.
+async fn check(
+    req: Request<Incoming>,
+    conn: &Arc<ClientConn>,
+    ordinal: u64,
+    limit: Option<u64>,
+) -> Result<(Parts, RequestBody, BodyFraming), ProxyError> {
+    // hyper has refused conflicting lengths and non-chunked codings; a head with both length
+    // fields is only visible to the raw-stream watcher (hyper drops Content-Length from it).
+    if conn.framing.is_ambiguous(ordinal) {
+        return Err(ProxyError::AmbiguousLength);
+    }
+    let chunked = req.headers().contains_key(TRANSFER_ENCODING);
+    let exact = req.body().size_hint().exact();
+    if let (Some(limit), Some(len)) = (limit, exact) {
+        if len > limit {
+            return Err(ProxyError::BodyTooLarge(limit));
+        }
+    }
+    let (parts, mut body) = req.into_parts();
+    // A malformed chunked body must be refused before the node sees the request, so its
+    // first frame is read here; a sized body is framed by hyper and needs no look.
+    let first = if chunked && !body.is_end_stream() {
+        match body.frame().await {
+            Some(Ok(frame)) => Some(frame),
+            Some(Err(e)) => return Err(ProxyError::BadBody(e)),
+            None => None,
+        }
+    } else {
+        None
+    };
+    let first_len = first.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len());
+    if let Some(limit) = limit.filter(|l| first_len as u64 > *l) {
+        return Err(ProxyError::BodyTooLarge(limit));
+    }
+    let framing = match exact {
+        _ if first.is_none() && body.is_end_stream() => BodyFraming::Empty,
+        Some(len) if !chunked => BodyFraming::Length(len),
+        _ => BodyFraming::Chunked,
+    };
+    let body =
+        RequestBody::new(Some(body), first, limit).marks_read(conn.body_read_mark(ordinal));
+    Ok((parts, body, framing))
+}
+
+/// Phase prepare: the node-independent request head, written out once.
+fn prepare(
+    parts: &mut Parts,
+    framing: BodyFraming,
+    host: HeaderValue,
+    conn: &ClientConn,
+    nodes: usize,
+) -> Outbound {
+    let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
+    // Origin form, byte for byte: the node gets the client's path and query untouched. An
+    // absolute-form or HTTP/2 target names the host itself, which then goes in `Host`;
+    // otherwise `Host` is where the host came from, and stays as it is.
+    let target_names_host = parts.uri.authority().is_some();
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    // The Expect handshake is answered by the edge when the body is first read.
+    parts.headers.remove(EXPECT);
+    if target_names_host {
+        parts.headers.insert(HOST, host.clone());
+    }
+    headers::add_forwarded(&mut parts.headers, &conn.peer_ip, conn.proto(), host);
+    let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+    let mut head = Vec::new();
+    http1::request_head(&mut head, &parts.method, target, &parts.headers, framing);
+    let replayable =
+        framing.is_empty() && !upgrade && nodes > 1 && is_idempotent(&parts.method);
+    Outbound {
+        head: Bytes::from(head),
+        method: parts.method.clone(),
+        framing,
+        upgrade,
+        replayable,
+    }
+}
+
+/// One attempt: a connection to `backend` (pooled or new), then the exchange on it.
+async fn attempt(
+    backend: &Backend,
+    outbound: &Outbound,
+    body: &mut RequestBody,
+    timeout: std::time::Duration,
+) -> Result<Exchanged, Failure> {
+    let conn = backend
+        .pool
+        .checkout(&backend.target)
+        .await
+        .map_err(Failure::Connect)?;
+    conn.exchange(
+        outbound.head.clone(),
+        body,
+        outbound.framing,
+        &outbound.method,
+        timeout,
+    )
+    .await
+    .map_err(Failure::Exchange)
+}
+
+/// Phase answer: the node's response for the client, or the tunnel of an upgrade.
+fn answer(
+    exchanged: Exchanged,
+    in_flight: InFlightGuard,
+    upgrade: bool,
+    conn: &ClientConn,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let Exchanged { head, body, .. } = exchanged;
+    let mut response = Response::new(());
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers;
+    let (mut parts, ()) = response.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        if !upgrade {
+            return Err(ProxyError::UnexpectedUpgrade {
+                node: in_flight.backend().authority.as_str().to_string(),
+            });
+        }
+        headers::strip_hop_by_hop(&mut parts.headers, true);
+        // The client's side is free once the 101 is written: the connection's loop takes
+        // the tunnel from there.
+        if let Some(upstream) = body.into_connection() {
+            conn.hand_over_tunnel(PendingTunnel {
+                upstream,
+                in_flight,
+            });
+        }
+        return Ok(Response::from_parts(parts, ResponseBody::empty()));
+    }
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, in_flight),
+    ))
+}
+
+/// Why a request found no node to go to.
+fn no_node(target: &Target<'_>) -> ProxyError {
+    if target.snapshot.synced {
+        ProxyError::NoBackend {
+            route: target.route.to_string(),
+        }
+    } else {
+        ProxyError::NotReady
+    }
+}
+
+/// Logs that a route has no healthy node and is trying them anyway, at most once per
+/// [`FAIL_OPEN_LOG_INTERVAL_MS`].
+fn log_fail_open(pool: &RoutePool, route: &str) {
+    let now = now_ms();
+    let last = pool.fail_open_logged.load(Ordering::Relaxed);
+    if fail_open_is_due(last, now)
+        && pool
+            .fail_open_logged
+            .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(%route, "no healthy node: trying them anyway (fail open)");
     }
 }
 
@@ -463,23 +547,6 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// The head of a bodyless idempotent request, kept to send it again to another node.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    headers: hyper::HeaderMap,
-}
-
-impl Replay {
-    fn request(&self, body: RequestBody) -> Request<RequestBody> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.headers_mut() = self.headers.clone();
-        request
-    }
-}
-
 /// The host a request is for: the absolute-form target's or HTTP/2 `:authority`, else `Host`.
 fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
     if let Some(authority) = req.uri().authority() {
@@ -495,19 +562,12 @@ fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
     }
 }
 
-/// The client's fault hidden in a failed exchange: its body broke or went over the limit.
-fn client_body_error(error: &hyper::Error) -> Option<ProxyError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(err) = source {
-        if let Some(body_err) = err.downcast_ref::<ClientBodyError>() {
-            return Some(match body_err {
-                ClientBodyError::TooLarge(limit) => ProxyError::BodyTooLarge(*limit),
-                ClientBodyError::Read(_) => ProxyError::ClientGone,
-            });
-        }
-        source = err.source();
+/// The client's fault behind a failed send: its body broke or went over the limit.
+fn client_body_error(error: BoxError) -> ProxyError {
+    match error.downcast::<ClientBodyError>().map(|e| *e) {
+        Ok(ClientBodyError::TooLarge(limit)) => ProxyError::BodyTooLarge(limit),
+        Ok(ClientBodyError::Read(_)) | Err(_) => ProxyError::ClientGone,
     }
-    None
 }
 
 #[cfg(test)]

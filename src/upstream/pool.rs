@@ -1,23 +1,14 @@
-//! Connections to the nodes: HTTP/1.1 only (ClearML's nginx and werkzeug speak no h2c), kept
-//! alive in a small idle pool per backend.
-//!
-//! A lean pool of our own rather than hyper-util's client, for one reason the design rests
-//! on: the connection is obtained *before* the request is handed over, so a failed connect
-//! (or a pooled connection found dead before anything was written) gives the request back
-//! untouched and it can go to another node. hyper's `try_send_request` returns the request
-//! when it was never serialised, which is exactly the "nothing lost" boundary.
+//! The idle connections of each backend, and opening new ones. The connection is obtained
+//! *before* the request is handed over, so a failed connect gives the request back untouched
+//! and it can go to another node.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::proxy::body::RequestBody;
-
-pub type Sender = http1::SendRequest<RequestBody>;
+use super::NodeConnection;
 
 /// How many idle connections a backend keeps, and for how long.
 #[derive(Debug, Clone, Copy)]
@@ -43,15 +34,13 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("connect failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("HTTP/1.1 handshake failed: {0}")]
-    Handshake(#[from] hyper::Error),
 }
 
 /// The idle connections of one backend.
 #[derive(Debug)]
 pub struct IdlePool {
     settings: PoolSettings,
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Vec<(NodeConnection, Instant)>>,
 }
 
 impl IdlePool {
@@ -62,45 +51,37 @@ impl IdlePool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(NodeConnection, Instant)>> {
         // The list is always valid between operations; recover it after a panic elsewhere.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// An idle connection that is still open, newest first (warm, and least likely to have
-    /// been closed by the node's keep-alive timeout). It may still be finishing its last
-    /// exchange: the caller waits for `ready()`.
-    pub fn take_idle(&self) -> Option<Sender> {
+    /// been closed by the node's keep-alive timeout).
+    pub fn take_idle(&self) -> Option<NodeConnection> {
         let mut idle = self.lock();
         let now = Instant::now();
-        while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && now.duration_since(since) < self.settings.idle_timeout {
-                return Some(sender);
+        while let Some((conn, since)) = idle.pop() {
+            if now.duration_since(since) < self.settings.idle_timeout && conn.is_open() {
+                return Some(conn);
             }
         }
         None
     }
 
     /// A pooled connection ready for a request, or a new one.
-    pub async fn checkout(&self, target: &ConnectTarget) -> Result<Sender, ConnectError> {
-        while let Some(mut sender) = self.take_idle() {
-            // Resolves at once for an idle connection, or as soon as the previous response
-            // has been wound up; errors when the node closed it meanwhile.
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
-            }
+    pub async fn checkout(&self, target: &ConnectTarget) -> Result<NodeConnection, ConnectError> {
+        match self.take_idle() {
+            Some(conn) => Ok(conn),
+            None => self.connect(target).await,
         }
-        self.connect(target).await
     }
 
     /// Returns a connection whose exchange has finished.
-    pub fn put_back(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put_back(&self, conn: NodeConnection) {
         let mut idle = self.lock();
         if idle.len() < self.settings.max_idle {
-            idle.push((sender, Instant::now()));
+            idle.push((conn, Instant::now()));
         }
     }
 
@@ -114,7 +95,7 @@ impl IdlePool {
         let now = Instant::now();
         let timeout = self.settings.idle_timeout;
         self.lock()
-            .retain(|(s, since)| !s.is_closed() && now.duration_since(*since) < timeout);
+            .retain(|(conn, since)| now.duration_since(*since) < timeout && conn.is_open());
     }
 
     pub fn idle_count(&self) -> usize {
@@ -122,22 +103,14 @@ impl IdlePool {
     }
 
     /// Opens a new connection to `target`.
-    pub async fn connect(&self, target: &ConnectTarget) -> Result<Sender, ConnectError> {
+    pub async fn connect(&self, target: &ConnectTarget) -> Result<NodeConnection, ConnectError> {
         let timeout = self.settings.connect_timeout;
         let stream = match tokio::time::timeout(timeout, target.connect()).await {
             Ok(stream) => stream?,
             Err(_) => return Err(ConnectError::Timeout(timeout)),
         };
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(NodeConnection::new(stream))
     }
 }
 

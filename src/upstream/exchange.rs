@@ -1,0 +1,411 @@
+//! One request and its response on a node connection: the head and body written while the
+//! response is read (a node may answer before the body ends), then the response body read
+//! out of the connection's buffer as the client takes it.
+//!
+//! Reads and writes go straight to the socket (`try_read_buf`, `try_write_vectored` after a
+//! readiness poll): no task per connection and no channel between the request and the
+//! connection, which is what hyper's client connection costs per exchange.
+
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::Method;
+use tokio::net::TcpStream;
+
+use crate::http1::{
+    chunk_size_line, last_chunk_with_trailers, BodyDecoder, BodyError, BodyFraming, Decoded,
+    HeadError, HeadReader, ResponseHead, LAST_CHUNK,
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response head longer than this is refused (502).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// The first read of a response reserves this much; reads that fill the buffer double it.
+const FIRST_READ: usize = 8 * 1024;
+const LARGEST_READ: usize = 256 * 1024;
+
+/// A connection to one node, between exchanges or in one.
+#[derive(Debug)]
+pub struct NodeConnection {
+    stream: TcpStream,
+    read_buf: BytesMut,
+    read_size: usize,
+    /// It has carried an exchange before (it came from the idle pool).
+    reused: bool,
+}
+
+/// Why an exchange did not get a response head.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// A pooled connection the node had closed: the node sent nothing and no body byte was
+    /// taken from the client, so the same request can go again as it is.
+    #[error("the pooled connection was closed by the node")]
+    Stale,
+    #[error("the node closed the connection before answering")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("malformed response head: {0}")]
+    Head(#[from] HeadError),
+    #[error("malformed response body: {0}")]
+    Body(#[from] BodyError),
+    /// The client's body failed (or went over its limit) while it was being sent.
+    #[error("request body: {0}")]
+    RequestBody(BoxError),
+    #[error("no response within {0:?} of the request being sent")]
+    Timeout(Duration),
+}
+
+/// A response head, with the connection its body is to be read from.
+#[derive(Debug)]
+pub struct Exchanged {
+    pub head: ResponseHead,
+    pub body: NodeResponseBody,
+    /// The whole request body was written (false when the node answered before it ended).
+    pub request_sent: bool,
+}
+
+/// The request bytes still to be written: a few segments (head, a chunk's size line, its
+/// data, its end), written together with one vectored write where the socket takes them.
+struct Outgoing {
+    parts: [Bytes; 4],
+    len: usize,
+}
+
+impl Outgoing {
+    fn new() -> Self {
+        Outgoing {
+            parts: Default::default(),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, part: Bytes) {
+        if !part.is_empty() {
+            // At most four parts are pushed between writes (size line, data, CRLF; or the
+            // head with one frame's three).
+            if let Some(slot) = self.parts.get_mut(self.len) {
+                *slot = part;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        while written > 0 && self.len > 0 {
+            let first = &mut self.parts[0];
+            if written < first.len() {
+                first.advance(written);
+                return;
+            }
+            written -= first.len();
+            self.parts.rotate_left(1);
+            self.len -= 1;
+            self.parts[self.len] = Bytes::new();
+        }
+    }
+
+    fn poll_write(&mut self, stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.is_empty() {
+            ready!(stream.poll_write_ready(cx))?;
+            let slices = [
+                IoSlice::new(&self.parts[0]),
+                IoSlice::new(&self.parts[1]),
+                IoSlice::new(&self.parts[2]),
+                IoSlice::new(&self.parts[3]),
+            ];
+            match stream.try_write_vectored(&slices[..self.len]) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(written) => self.advance(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl NodeConnection {
+    pub fn new(stream: TcpStream) -> Self {
+        NodeConnection {
+            stream,
+            read_buf: BytesMut::new(),
+            read_size: FIRST_READ,
+            reused: false,
+        }
+    }
+
+    /// False when the node has closed the connection (or sent something unasked) while it
+    /// was idle: a look at what the runtime already knows, and a read only if it is readable.
+    pub fn is_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends a request (its head already written out) and its body, and reads the node's
+    /// response head. The body is written while the response is awaited, so a node that
+    /// answers early (a refused upload) is heard at once and the rest of the body is not
+    /// sent. `timeout` runs from the moment the whole request is written.
+    pub async fn exchange<B>(
+        mut self,
+        head: Bytes,
+        body: &mut B,
+        framing: BodyFraming,
+        method: &Method,
+        timeout: Duration,
+    ) -> Result<Exchanged, ExchangeError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let mut out = Outgoing::new();
+        out.push(head);
+        let mut body_done = framing.is_empty();
+        let mut body_touched = false;
+        let mut heads = HeadReader::new(MAX_RESPONSE_HEAD);
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let head = poll_fn(|cx| loop {
+            let sending = !out.is_empty() || !body_done;
+            if sending {
+                match out.poll_write(&self.stream, cx) {
+                    Poll::Ready(Ok(())) if !body_done => {
+                        match Pin::new(&mut *body).poll_frame(cx) {
+                            Poll::Ready(frame) => {
+                                body_touched = true;
+                                body_done = queue_frame(&mut out, frame, framing)?;
+                                continue;
+                            }
+                            Poll::Pending => {}
+                        }
+                    }
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => {
+                        // A node that closed a pooled connection refuses the write.
+                        return Poll::Ready(Err(self.failure(e, body_touched)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if timer.is_none() && out.is_empty() && body_done {
+                timer = Some(Box::pin(tokio::time::sleep(timeout)));
+            }
+            // The response, whether or not the request is all written.
+            if let Some(head) = heads.response(&mut self.read_buf, method)? {
+                if head.status.is_informational() && head.status != 101 {
+                    // An interim answer (100 Continue): the final one follows.
+                    continue;
+                }
+                return Poll::Ready(Ok(head));
+            }
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(if self.stale(body_touched) {
+                        ExchangeError::Stale
+                    } else {
+                        ExchangeError::Closed
+                    }))
+                }
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.failure(e, body_touched))),
+                Poll::Pending => {}
+            }
+            if let Some(timer) = timer.as_mut() {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(ExchangeError::Timeout(timeout)));
+                }
+            }
+            return Poll::Pending;
+        })
+        .await?;
+        let request_sent = out.is_empty() && body_done;
+        let reusable = head.keep_alive && request_sent;
+        let decoder = BodyDecoder::new(head.framing);
+        Ok(Exchanged {
+            head,
+            body: NodeResponseBody {
+                conn: Some(self),
+                decoder,
+                reusable,
+            },
+            request_sent,
+        })
+    }
+
+    /// Nothing came back on a pooled connection and nothing of the client's body was taken:
+    /// the node closed it before reading the request.
+    fn stale(&self, body_touched: bool) -> bool {
+        self.reused && !body_touched && self.read_buf.is_empty()
+    }
+
+    fn failure(&self, error: io::Error, body_touched: bool) -> ExchangeError {
+        let closed = matches!(
+            error.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+        );
+        if closed && self.stale(body_touched) {
+            ExchangeError::Stale
+        } else {
+            ExchangeError::Io(error)
+        }
+    }
+
+    /// Reads what the node sent into the read buffer; `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
+            self.read_buf.reserve(self.read_size);
+        }
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let room = self.read_buf.capacity() - self.read_buf.len();
+            match self.stream.try_read_buf(&mut self.read_buf) {
+                Ok(read) => {
+                    if read == room && self.read_size < LARGEST_READ {
+                        self.read_size *= 2;
+                    }
+                    return Poll::Ready(Ok(read));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// The socket and whatever the node sent after its 101, for a tunnel.
+    pub fn into_upgraded(self) -> (TcpStream, Bytes) {
+        (self.stream, self.read_buf.freeze())
+    }
+}
+
+/// Queues one frame of the client's body with the framing of the node's hop; true once the
+/// body has ended.
+fn queue_frame<E: Into<BoxError>>(
+    out: &mut Outgoing,
+    frame: Option<Result<Frame<Bytes>, E>>,
+    framing: BodyFraming,
+) -> Result<bool, ExchangeError> {
+    let chunked = framing == BodyFraming::Chunked;
+    match frame {
+        None => {
+            if chunked {
+                out.push(Bytes::from_static(LAST_CHUNK));
+            }
+            Ok(true)
+        }
+        Some(Err(e)) => Err(ExchangeError::RequestBody(e.into())),
+        Some(Ok(frame)) => match frame.into_data() {
+            Ok(data) if chunked && !data.is_empty() => {
+                let (line, len) = chunk_size_line(data.len());
+                out.push(Bytes::copy_from_slice(&line[..len]));
+                out.push(data);
+                out.push(Bytes::from_static(b"\r\n"));
+                Ok(false)
+            }
+            Ok(data) => {
+                out.push(data);
+                Ok(false)
+            }
+            Err(frame) => {
+                // Trailers end the body; only the chunked coding can carry them.
+                if let (true, Some(trailers)) = (chunked, frame.trailers_ref()) {
+                    let mut end = Vec::new();
+                    last_chunk_with_trailers(&mut end, trailers);
+                    out.push(Bytes::from(end));
+                } else if chunked {
+                    out.push(Bytes::from_static(LAST_CHUNK));
+                }
+                Ok(true)
+            }
+        },
+    }
+}
+
+/// A response body read from a node connection as the client takes it. Once read to its
+/// end, a connection the node keeps open can go back to the pool
+/// ([`NodeResponseBody::finished_connection`]).
+#[derive(Debug)]
+pub struct NodeResponseBody {
+    conn: Option<NodeConnection>,
+    decoder: BodyDecoder,
+    reusable: bool,
+}
+
+impl NodeResponseBody {
+    /// The connection, once the body was read whole and the node may take another request
+    /// on it.
+    pub fn finished_connection(&mut self) -> Option<NodeConnection> {
+        let clean = self.conn.as_ref().is_some_and(|c| c.read_buf.is_empty());
+        if !(self.decoder.is_done() && self.reusable && clean) {
+            return None;
+        }
+        let mut conn = self.conn.take()?;
+        // An idle connection holds no buffer.
+        conn.read_buf = BytesMut::new();
+        conn.reused = true;
+        Some(conn)
+    }
+
+    /// The connection itself, for a 101's tunnel.
+    pub fn into_connection(mut self) -> Option<NodeConnection> {
+        self.conn.take()
+    }
+}
+
+impl Body for NodeResponseBody {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.decoder.is_done() {
+                return Poll::Ready(None);
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut conn.read_buf) {
+                Ok(Some(Decoded::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(Decoded::Trailers(trailers))) => {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                }
+                Ok(Some(Decoded::End)) => return Poll::Ready(None),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => match this.decoder.at_eof() {
+                    Ok(_) => return Poll::Ready(None),
+                    Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                },
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder.remaining() {
+            Some(exact) => SizeHint::with_exact(exact),
+            None => SizeHint::default(),
+        }
+    }
+}
