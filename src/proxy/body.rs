@@ -6,12 +6,12 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
 use super::client::BodyReadMark;
 use crate::metrics::RequestRecord;
 use crate::snapshot::InFlightGuard;
 use crate::upstream::NodeResponseBody;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -41,11 +41,7 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(
-        inner: Option<Incoming>,
-        first: Option<Frame<Bytes>>,
-        limit: Option<u64>,
-    ) -> Self {
+    pub fn new(inner: Option<Incoming>, first: Option<Frame<Bytes>>, limit: Option<u64>) -> Self {
         let seen = first
             .as_ref()
             .and_then(Frame::data_ref)

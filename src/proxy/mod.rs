@@ -147,7 +147,8 @@ impl Proxy {
             return Ok(redirect_to_https(&host, port, req.uri()));
         }
         let route = snapshot.table.route(route_id);
-        let (mut parts, mut body, framing) = check(req, conn, ordinal, route.max_body_bytes).await?;
+        let (mut parts, mut body, framing) =
+            check(req, conn, ordinal, route.max_body_bytes).await?;
         body = body.count_into(pool.metrics.bytes_in.clone());
         let outbound = prepare(&mut parts, framing, host, conn, pool.backends.len());
         self.budget.deposit();
@@ -205,7 +206,8 @@ impl Proxy {
                     outcome.node = Some(backend.authority.clone());
                     return Ok((exchanged, in_flight));
                 }
-                Err(failure) => match self.after_failure(failure, &backend, outbound, target.route) {
+                Err(failure) => match self.after_failure(failure, &backend, outbound, target.route)
+                {
                     Next::SameRequestAgain => {}
                     Next::Elsewhere(error) => {
                         last_error = Some(error);
@@ -373,7 +375,10 @@ async fn check(
     } else {
         None
     };
-    let first_len = first.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len());
+    let first_len = first
+        .as_ref()
+        .and_then(|f| f.data_ref())
+        .map_or(0, |d| d.len());
     if let Some(limit) = limit.filter(|l| first_len as u64 > *l) {
         return Err(ProxyError::BodyTooLarge(limit));
     }
@@ -382,8 +387,7 @@ async fn check(
         Some(len) if !chunked => BodyFraming::Length(len),
         _ => BodyFraming::Chunked,
     };
-    let body =
-        RequestBody::new(Some(body), first, limit).marks_read(conn.body_read_mark(ordinal));
+    let body = RequestBody::new(Some(body), first, limit).marks_read(conn.body_read_mark(ordinal));
     Ok((parts, body, framing))
 }
 
@@ -410,8 +414,7 @@ fn prepare(
     let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let mut head = Vec::new();
     http1::request_head(&mut head, &parts.method, target, &parts.headers, framing);
-    let replayable =
-        framing.is_empty() && !upgrade && nodes > 1 && is_idempotent(&parts.method);
+    let replayable = framing.is_empty() && !upgrade && nodes > 1 && is_idempotent(&parts.method);
     Outbound {
         head: Bytes::from(head),
         method: parts.method.clone(),
