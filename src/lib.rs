@@ -16,7 +16,6 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod discovery;
-pub mod framing;
 pub mod health;
 pub mod http1;
 pub mod metrics;

@@ -27,12 +27,13 @@ pub fn request_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// A response head for a client.
+/// A response head for a client. `framing` is the body's; `None` for a response that has
+/// no body but describes one (to HEAD, a 304), whose `Content-Length` is kept as it came.
 pub fn response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
-    framing: BodyFraming,
+    framing: Option<BodyFraming>,
 ) {
     out.reserve(64 + headers.len() * 32);
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -40,26 +41,35 @@ pub fn response_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    let Some(framing) = framing else {
+        for (name, value) in headers {
+            if name != TRANSFER_ENCODING {
+                field(out, name.as_str(), value.as_bytes());
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        return;
+    };
     fields(out, headers);
-    // 1xx, 204 and 304 carry no framing field (RFC 9110 §8.6); HEAD's keeps the length.
-    let bodyless_status = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    if !bodyless_status {
+    // 1xx and 204 carry no framing field (RFC 9110 §8.6).
+    if !(status.is_informational() || status == StatusCode::NO_CONTENT) {
         framing_field(out, framing, false);
     }
     out.extend_from_slice(b"\r\n");
 }
 
+fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 fn fields(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
-            continue;
+        if name != CONTENT_LENGTH && name != TRANSFER_ENCODING {
+            field(out, name.as_str(), value.as_bytes());
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -134,28 +144,29 @@ mod tests {
     #[test]
     fn response_heads() {
         let headers = HeaderMap::new();
-        let mut out = Vec::new();
-        response_head(
-            &mut out,
-            StatusCode::NOT_FOUND,
-            &headers,
-            BodyFraming::Length(3),
-        );
-        assert_eq!(out, b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\n");
-        let mut out = Vec::new();
-        response_head(
-            &mut out,
-            StatusCode::NO_CONTENT,
-            &headers,
-            BodyFraming::Empty,
-        );
-        assert_eq!(out, b"HTTP/1.1 204 No Content\r\n\r\n");
-        let mut out = Vec::new();
-        response_head(&mut out, StatusCode::OK, &headers, BodyFraming::Chunked);
+        let head = |status, framing| {
+            let mut out = Vec::new();
+            response_head(&mut out, status, &headers, framing);
+            String::from_utf8(out).unwrap()
+        };
         assert_eq!(
-            out,
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            head(StatusCode::NOT_FOUND, Some(BodyFraming::Length(3))),
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\n"
         );
+        assert_eq!(
+            head(StatusCode::NO_CONTENT, Some(BodyFraming::Empty)),
+            "HTTP/1.1 204 No Content\r\n\r\n"
+        );
+        assert_eq!(
+            head(StatusCode::OK, Some(BodyFraming::Chunked)),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        // A HEAD's answer keeps the length of the body it describes.
+        let mut described = HeaderMap::new();
+        described.insert(CONTENT_LENGTH, HeaderValue::from_static("1000"));
+        let mut out = Vec::new();
+        response_head(&mut out, StatusCode::OK, &described, None);
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n");
     }
 
     #[test]

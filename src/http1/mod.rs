@@ -3,7 +3,8 @@
 //! (ambiguous framing refused where it is parsed), bodies read out of the buffer without a
 //! copy, and heads and chunk framing written for each hop.
 //!
-//! Sans-IO: the functions here take and fill buffers; the connection loops own the sockets.
+//! Sans-IO but for [`ReadBuffer`] and [`WriteQueue`]: the functions here take and fill buffers; the connection
+//! loops own the sockets.
 //! hyper keeps serving HTTP/2. Written here rather than taken from hyper because an edge
 //! needs what hyper hides: the raw framing fields (to refuse a request that carries both
 //! lengths, which hyper resolves silently), the bytes left on the stream after a message,
@@ -13,6 +14,8 @@ mod body;
 mod encode;
 mod framing;
 mod head;
+mod queue;
+mod read_buffer;
 
 pub use body::{BodyDecoder, BodyError, Decoded};
 pub use encode::{
@@ -20,6 +23,8 @@ pub use encode::{
 };
 pub use framing::{BodyFraming, FramingError};
 pub use head::{HeadError, HeadReader, RequestHead, ResponseHead, MAX_FIELDS};
+pub use queue::WriteQueue;
+pub use read_buffer::ReadBuffer;
 
 #[cfg(test)]
 mod properties;

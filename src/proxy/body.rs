@@ -6,7 +6,8 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::client::BodyReadMark;
+use std::sync::Arc;
+
 use crate::metrics::RequestRecord;
 use crate::snapshot::InFlightGuard;
 use crate::upstream::NodeResponseBody;
@@ -22,26 +23,73 @@ pub enum ClientBodyError {
     #[error("request body exceeds the route's limit of {0} bytes")]
     TooLarge(u64),
     #[error("client request body failed: {0}")]
-    Read(#[source] hyper::Error),
+    Read(#[source] BoxError),
 }
 
-/// The client's request body, forwarded to a node.
+/// Where an HTTP/1.1 request's body is read from: the client connection itself, which the
+/// connection's loop shares with the request while it is served (both run in the
+/// connection's task).
+pub trait Http1BodySource: Send + Sync {
+    fn poll_body(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+    fn body_is_end(&self) -> bool;
+    fn body_size_hint(&self) -> SizeHint;
+}
+
+/// A request body as a client sent it: none, on an HTTP/1.1 connection, or an HTTP/2
+/// stream's.
+pub enum ClientBody {
+    Empty,
+    Http1(Arc<dyn Http1BodySource>),
+    Http2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Http1(source) => source.poll_body(cx),
+            ClientBody::Http2(incoming) => Pin::new(incoming).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Http1(source) => source.body_is_end(),
+            ClientBody::Http2(incoming) => incoming.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Http1(source) => source.body_size_hint(),
+            ClientBody::Http2(incoming) => incoming.size_hint(),
+        }
+    }
+}
+
+/// The client's request body, forwarded to a node: counted, held to the route's limit, and
+/// with a first frame that may have been read ahead.
 pub struct RequestBody {
-    /// `None` for a request sent again without a body.
-    inner: Option<Incoming>,
+    inner: ClientBody,
     /// A frame read before the upstream was contacted (the first of a chunked body). Boxed:
-    /// a frame is 100 bytes, rarely there, and hyper moves the request half a dozen times.
+    /// a frame is 100 bytes and rarely there.
     first: Option<Box<Frame<Bytes>>>,
     limit: Option<u64>,
     seen: u64,
     /// The route's request-bytes counter.
     bytes_in: Option<prometheus_client::metrics::counter::Counter>,
-    /// Tells the client connection the body was read to its end (never when abandoned).
-    read_mark: Option<BodyReadMark>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Option<Incoming>, first: Option<Frame<Bytes>>, limit: Option<u64>) -> Self {
+    pub fn new(inner: ClientBody, first: Option<Frame<Bytes>>, limit: Option<u64>) -> Self {
         let seen = first
             .as_ref()
             .and_then(Frame::data_ref)
@@ -52,7 +100,6 @@ impl RequestBody {
             limit,
             seen,
             bytes_in: None,
-            read_mark: None,
         }
     }
 
@@ -63,23 +110,6 @@ impl RequestBody {
         }
         self.bytes_in = Some(counter);
         self
-    }
-
-    pub fn marks_read(mut self, mark: BodyReadMark) -> Self {
-        if self.is_end_stream() {
-            // Already whole (an empty chunked body): hyper will not poll it.
-            mark.mark();
-        } else {
-            self.read_mark = Some(mark);
-        }
-        self
-    }
-
-    /// The client's body has been read to its end.
-    fn complete(&mut self) {
-        if let Some(mark) = self.read_mark.take() {
-            mark.mark();
-        }
     }
 }
 
@@ -93,26 +123,13 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(frame) = this.first.take() {
-            if this.inner.as_ref().is_none_or(Incoming::is_end_stream) {
-                this.complete();
-            }
             return Poll::Ready(Some(Ok(*frame)));
         }
-        let Some(inner) = this.inner.as_mut() else {
-            this.complete();
-            return Poll::Ready(None);
-        };
-        let polled = match Pin::new(inner).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(polled) => polled,
-        };
-        match polled {
-            None => {
-                this.complete();
-                Poll::Ready(None)
-            }
-            Some(Err(e)) => Poll::Ready(Some(Err(ClientBodyError::Read(e).into()))),
-            Some(Ok(frame)) => {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ClientBodyError::Read(e).into()))),
+            Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if let Some(counter) = &this.bytes_in {
@@ -122,24 +139,20 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(ClientBodyError::TooLarge(limit).into())));
                     }
                 }
-                if this.inner.as_ref().is_none_or(Incoming::is_end_stream) {
-                    this.complete();
-                }
                 Poll::Ready(Some(Ok(frame)))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        self.first.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        // Only chunked bodies are prefetched, and those have no exact size to keep.
-        match (&self.first, &self.inner) {
-            (Some(_), _) => SizeHint::default(),
-            (None, Some(inner)) => inner.size_hint(),
-            (None, None) => SizeHint::with_exact(0),
+        // Only chunked bodies are read ahead, and those have no exact size to keep.
+        match &self.first {
+            Some(_) => SizeHint::default(),
+            None => self.inner.size_hint(),
         }
     }
 }

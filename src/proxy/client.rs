@@ -1,26 +1,13 @@
-//! The client connection as the proxy sees it, and what the proxy tells the connection's
-//! HTTP/1.1 loop back: whether the connection is between requests (so it may give up its
-//! buffers until the next one), and a tunnel to run once an upgrade's 101 is written.
-//!
-//! hyper's HTTP/1.1 server keeps an 8 KiB read buffer, a write buffer and the last request's
-//! header map for the whole life of a connection, idle or not. The server loop instead ends
-//! hyper's connection after each exchange and waits for the next request's first byte with
-//! no buffer at all (as nginx does), which is what this ledger makes safe: it ends hyper's
-//! connection only after the response head is written (so hyper never adds `Connection:
-//! close`) and after the request body was read to its end (so what comes next on the stream
-//! is the next request, never the rest of a body).
+//! The client connection as the proxy sees it (address, TLS name, listener mode), and the
+//! tunnel the proxy hands back to the connection's loop once an upgrade's 101 is written.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hyper::body::{Body, Incoming};
+use bytes::Bytes;
 use hyper::header::HeaderValue;
-use hyper::{Request, Version};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::headers;
-use crate::framing::FramingReport;
 use crate::snapshot::InFlightGuard;
 use crate::upstream::NodeConnection;
 
@@ -41,9 +28,6 @@ pub struct ClientConn {
     pub redirect_https_port: Option<u16>,
     /// `Strict-Transport-Security` for responses on this (TLS) connection.
     pub hsts: Option<Arc<HeaderValue>>,
-    /// What the raw-stream watcher saw of the request heads (HTTP/1.1).
-    pub framing: Arc<FramingReport>,
-    pub ledger: Ledger,
     /// An upgrade the node accepted, waiting for the client side of the connection.
     tunnel: Mutex<Option<Box<PendingTunnel>>>,
 }
@@ -55,7 +39,6 @@ impl ClientConn {
         sni: Option<Box<str>>,
         redirect_https_port: Option<u16>,
         hsts: Option<Arc<HeaderValue>>,
-        framing: Arc<FramingReport>,
     ) -> Self {
         ClientConn {
             peer,
@@ -64,8 +47,6 @@ impl ClientConn {
             sni,
             redirect_https_port,
             hsts,
-            framing,
-            ledger: Ledger::default(),
             tunnel: Mutex::new(None),
         }
     }
@@ -76,15 +57,6 @@ impl ClientConn {
             "https"
         } else {
             "http"
-        }
-    }
-
-    /// What a request body reports when it has been read to its end. It holds the
-    /// connection rather than a counter of its own: one allocation fewer per connection.
-    pub fn body_read_mark(self: &Arc<Self>, ordinal: u64) -> BodyReadMark {
-        BodyReadMark {
-            conn: self.clone(),
-            ordinal,
         }
     }
 
@@ -130,83 +102,6 @@ fn ip_header_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&text[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
-/// The exchanges of one connection, counted as the handler sees them.
-#[derive(Debug, Default)]
-pub struct Ledger {
-    /// Request heads handed to the handler; also the next request's ordinal.
-    started: AtomicU64,
-    /// Responses the handler has returned. hyper writes a response's head in the same poll
-    /// that receives it, so once the connection yields, every counted head is written.
-    answered: AtomicU64,
-    /// The count of requests (from the first) up to the latest one whose body has been read
-    /// to its end: equal to `started` when the stream is past the latest request's body.
-    bodies_read: AtomicU64,
-    /// Whether the latest request lets the connection carry another one (HTTP/1.1 without
-    /// `Connection: close`).
-    reusable: AtomicBool,
-}
-
-impl Ledger {
-    /// Records a request head; returns its ordinal on the connection (0 for the first).
-    pub fn begin(&self, req: &Request<Incoming>) -> u64 {
-        let reusable = req.version() == Version::HTTP_11 && !headers::asks_to_close(req.headers());
-        self.record(reusable, req.body().is_end_stream())
-    }
-
-    fn record(&self, reusable: bool, bodyless: bool) -> u64 {
-        let ordinal = self.started.fetch_add(1, Ordering::AcqRel);
-        self.reusable.store(reusable, Ordering::Release);
-        if bodyless {
-            self.bodies_read.store(ordinal + 1, Ordering::Release);
-        }
-        ordinal
-    }
-
-    /// Records that the handler returned its response.
-    pub fn answer(&self) {
-        self.answered.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub fn answered(&self) -> u64 {
-        self.answered.load(Ordering::Acquire)
-    }
-
-    /// True when a request's body was not read to its end (it was answered early, as a
-    /// refused upload is): the client may still be sending it.
-    pub fn body_unread(&self) -> bool {
-        self.bodies_read.load(Ordering::Acquire) < self.started.load(Ordering::Acquire)
-    }
-
-    /// Records that the body of request `ordinal` has been read to its end.
-    fn body_read(&self, ordinal: u64) {
-        self.bodies_read.store(ordinal + 1, Ordering::Release);
-    }
-
-    /// True when a response has been returned since `answered_before`, every request has
-    /// its response, the latest body has been read whole, and the client may send another
-    /// request: the stream is then at a message boundary with nothing owed either way.
-    pub fn between_requests(&self, answered_before: u64) -> bool {
-        let answered = self.answered();
-        answered != answered_before
-            && answered == self.started.load(Ordering::Acquire)
-            && self.bodies_read.load(Ordering::Acquire) == answered
-            && self.reusable.load(Ordering::Acquire)
-    }
-}
-
-/// Marks one request's body as read to its end.
-#[derive(Debug)]
-pub struct BodyReadMark {
-    conn: Arc<ClientConn>,
-    ordinal: u64,
-}
-
-impl BodyReadMark {
-    pub fn mark(&self) {
-        self.conn.ledger.body_read(self.ordinal);
-    }
-}
-
 /// The node's side of an accepted upgrade, and its in-flight count, until the client's side
 /// is free.
 #[derive(Debug)]
@@ -217,13 +112,17 @@ pub struct PendingTunnel {
 
 impl PendingTunnel {
     /// Copies bytes both ways between the client and the node until either side closes; what
-    /// the node sent right after its 101 goes first.
-    pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(self, mut client: C) {
+    /// each side sent right after the upgrade (`client_early`: the client's bytes read with
+    /// its request) goes first.
+    pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(self, mut client: C, client_early: Bytes) {
         let node = self.in_flight.backend().authority.clone();
         let (mut upstream, early) = self.upstream.into_upgraded();
         let copied = async {
             if !early.is_empty() {
                 client.write_all(&early).await?;
+            }
+            if !client_early.is_empty() {
+                upstream.write_all(&client_early).await?;
             }
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await
         };
@@ -237,34 +136,6 @@ impl PendingTunnel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn between_requests_only_when_nothing_is_owed_either_way() {
-        let ledger = Ledger::default();
-        let fresh = ledger.answered();
-        assert!(!ledger.between_requests(fresh), "nothing served yet");
-
-        // A bodyless request: owed a response until it is returned.
-        assert_eq!(ledger.record(true, true), 0);
-        assert!(!ledger.between_requests(fresh));
-        ledger.answer();
-        assert!(ledger.between_requests(fresh));
-        // Only exchanges since the given count matter (a fresh hyper connection).
-        assert!(!ledger.between_requests(ledger.answered()));
-
-        // A body answered before it was read whole: the rest of it is still on the stream.
-        let ordinal = ledger.record(true, false);
-        ledger.answer();
-        assert!(!ledger.between_requests(fresh));
-        ledger.body_read(ordinal);
-        assert!(ledger.between_requests(fresh));
-
-        // An earlier body's mark does not count for a later one.
-        ledger.record(true, false);
-        ledger.answer();
-        ledger.body_read(ordinal);
-        assert!(!ledger.between_requests(fresh));
-    }
 
     #[test]
     fn the_peer_ip_is_written_as_display_writes_it() {
@@ -285,14 +156,6 @@ mod tests {
             let ip = IpAddr::from([octet, 0, 255 - octet, octet]);
             assert_eq!(ip_header_value(ip).to_str().unwrap(), ip.to_string());
         }
-    }
-
-    #[test]
-    fn a_client_that_asked_to_close_is_never_between_requests() {
-        let ledger = Ledger::default();
-        ledger.record(false, true);
-        ledger.answer();
-        assert!(!ledger.between_requests(0));
     }
 }
 

@@ -8,6 +8,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 use super::body::ResponseBody;
+use crate::http1::{FramingError, HeadError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -19,10 +20,10 @@ pub enum ProxyError {
     UnknownHost,
     #[error("host does not match the TLS server name of the connection")]
     Misdirected,
-    #[error("request has both Content-Length and Transfer-Encoding")]
-    AmbiguousLength,
+    #[error("{0}")]
+    BadHead(#[from] crate::http1::HeadError),
     #[error("malformed request body: {0}")]
-    BadBody(#[source] hyper::Error),
+    BadBody(#[source] super::body::BoxError),
     #[error("request body exceeds the route's limit of {0} bytes")]
     BodyTooLarge(u64),
     #[error("no node list yet: discovery has not synced")]
@@ -49,9 +50,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {
-            MissingHost | DuplicateHost | AmbiguousLength | BadBody(_) | ClientGone => {
-                StatusCode::BAD_REQUEST
-            }
+            MissingHost | DuplicateHost | BadBody(_) | ClientGone => StatusCode::BAD_REQUEST,
+            BadHead(e) => e.status(),
             UnknownHost => StatusCode::NOT_FOUND,
             Misdirected => StatusCode::MISDIRECTED_REQUEST,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -73,7 +73,7 @@ impl ProxyError {
         match self {
             MissingHost => "400 Bad Request: missing Host header\n",
             DuplicateHost => "400 Bad Request: more than one Host header\n",
-            AmbiguousLength => "400 Bad Request: both Content-Length and Transfer-Encoding\n",
+            BadHead(e) => head_refusal(e),
             BadBody(_) => "400 Bad Request: malformed request body\n",
             ClientGone => "400 Bad Request: request body ended early\n",
             UnknownHost => "404 Not Found: no route for this host\n",
@@ -100,6 +100,30 @@ impl ProxyError {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
         }
         response
+    }
+}
+
+/// The body of a refused request head: its cause, in the words of the field it is about.
+fn head_refusal(error: &HeadError) -> &'static str {
+    match error {
+        HeadError::TooLarge | HeadError::TooManyFields => {
+            "431 Request Header Fields Too Large: the request head is over the limit\n"
+        }
+        HeadError::Malformed(_) => "400 Bad Request: malformed request head\n",
+        HeadError::Framing(framing) => match framing {
+            FramingError::LengthAndCoding => {
+                "400 Bad Request: both Content-Length and Transfer-Encoding\n"
+            }
+            FramingError::RepeatedLength | FramingError::BadLength => {
+                "400 Bad Request: invalid Content-Length\n"
+            }
+            FramingError::NotChunked | FramingError::CodingInHttp10 => {
+                "400 Bad Request: invalid Transfer-Encoding\n"
+            }
+            FramingError::UnsupportedCoding => {
+                "501 Not Implemented: a transfer coding other than chunked\n"
+            }
+        },
     }
 }
 

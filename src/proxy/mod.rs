@@ -17,7 +17,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use hyper::header::{HeaderValue, EXPECT, HOST, TRANSFER_ENCODING};
 use hyper::http::request::Parts;
 use hyper::http::uri::{Authority, PathAndQuery};
@@ -30,7 +30,7 @@ use crate::metrics::{AccessEntry, Metrics, RequestRecord, RouteMetrics};
 use crate::routing::{normalize_host, RouteId};
 use crate::snapshot::{now_ms, Backend, InFlightGuard, RoutePool, Snapshot};
 use crate::upstream::{ConnectError, ExchangeError, Exchanged};
-use body::{BoxError, ClientBodyError, RequestBody, ResponseBody};
+use body::{BoxError, ClientBody, ClientBodyError, RequestBody, ResponseBody};
 pub use client::ClientConn;
 use client::PendingTunnel;
 pub use error::ProxyError;
@@ -62,13 +62,10 @@ impl Proxy {
     /// Handles one request; never fails: errors become their response here.
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         conn: &Arc<ClientConn>,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
-        // Counted before anything can refuse the request, so ordinals match the raw stream's
-        // heads whatever the answer.
-        let ordinal = conn.ledger.begin(&req);
         // The one snapshot load of this request: routes, backends and settings together.
         let snapshot = self.snapshots.load_full();
         let access_log = snapshot.settings.access_log;
@@ -87,7 +84,7 @@ impl Proxy {
                 .unwrap_or_else(|| "-".into())
         });
         let mut outcome = Outcome::default();
-        let mut response = match self.proxy(req, ordinal, conn, snapshot, &mut outcome).await {
+        let mut response = match self.proxy(req, conn, snapshot, &mut outcome).await {
             Ok(response) => response,
             Err(e) => {
                 let status = e.status();
@@ -126,7 +123,6 @@ impl Proxy {
             bytes_out: 0,
             access,
         });
-        conn.ledger.answer();
         response
     }
 
@@ -134,8 +130,7 @@ impl Proxy {
     /// request.
     async fn proxy(
         &self,
-        req: Request<Incoming>,
-        ordinal: u64,
+        req: Request<ClientBody>,
         conn: &Arc<ClientConn>,
         snapshot: Arc<Snapshot>,
         outcome: &mut Outcome,
@@ -147,8 +142,7 @@ impl Proxy {
             return Ok(redirect_to_https(&host, port, req.uri()));
         }
         let route = snapshot.table.route(route_id);
-        let (mut parts, mut body, framing) =
-            check(req, conn, ordinal, route.max_body_bytes).await?;
+        let (mut parts, mut body, framing) = check(req, route.max_body_bytes).await?;
         body = body.count_into(pool.metrics.bytes_in.clone());
         let outbound = prepare(&mut parts, framing, host, conn, pool.backends.len());
         self.budget.deposit();
@@ -324,7 +318,7 @@ enum Next {
 
 /// Phase route: the host, its route, and the TLS name it must match.
 fn route(
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     conn: &ClientConn,
     snapshot: &Snapshot,
 ) -> Result<(RouteId, HeaderValue), ProxyError> {
@@ -346,16 +340,11 @@ fn route(
 /// Phase check: framing and limits, before anything is sent to a node. Returns the head, the
 /// body to forward and how the node's hop frames it.
 async fn check(
-    req: Request<Incoming>,
-    conn: &Arc<ClientConn>,
-    ordinal: u64,
+    req: Request<ClientBody>,
     limit: Option<u64>,
 ) -> Result<(Parts, RequestBody, BodyFraming), ProxyError> {
-    // hyper has refused conflicting lengths and non-chunked codings; a head with both length
-    // fields is only visible to the raw-stream watcher (hyper drops Content-Length from it).
-    if conn.framing.is_ambiguous(ordinal) {
-        return Err(ProxyError::AmbiguousLength);
-    }
+    // Ambiguous framing was refused where the head was parsed (HTTP/1.1, `crate::http1`) or
+    // by the HTTP/2 layer.
     let chunked = req.headers().contains_key(TRANSFER_ENCODING);
     let exact = req.body().size_hint().exact();
     if let (Some(limit), Some(len)) = (limit, exact) {
@@ -365,7 +354,7 @@ async fn check(
     }
     let (parts, mut body) = req.into_parts();
     // A malformed chunked body must be refused before the node sees the request, so its
-    // first frame is read here; a sized body is framed by hyper and needs no look.
+    // first frame is read here; a sized body needs no look.
     let first = if chunked && !body.is_end_stream() {
         match body.frame().await {
             Some(Ok(frame)) => Some(frame),
@@ -387,7 +376,7 @@ async fn check(
         Some(len) if !chunked => BodyFraming::Length(len),
         _ => BodyFraming::Chunked,
     };
-    let body = RequestBody::new(Some(body), first, limit).marks_read(conn.body_read_mark(ordinal));
+    let body = RequestBody::new(body, first, limit);
     Ok((parts, body, framing))
 }
 
@@ -551,7 +540,7 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The host a request is for: the absolute-form target's or HTTP/2 `:authority`, else `Host`.
-fn request_host(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
+fn request_host(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyError> {
     if let Some(authority) = req.uri().authority() {
         // Userinfo is never part of the host that is routed or forwarded.
         let host = authority.as_str().rsplit('@').next().unwrap_or_default();

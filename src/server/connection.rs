@@ -1,7 +1,6 @@
-//! A set-up connection, served: hyper's HTTP/1.1 and HTTP/2 settings, the client's details
-//! wrapped for the proxy ([`ClientConn`] with the framing check on the stream), the task
-//! that serves it with the protocol its set-up chose, and the service that hands each
-//! request to the proxy.
+//! A set-up connection, served: the HTTP/1.1 and HTTP/2 settings, the client's details
+//! for the proxy ([`ClientConn`]), the task that serves it with the protocol its set-up
+//! chose, and the service that hands each HTTP/2 request to the proxy.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,41 +11,47 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::config::{ListenerMode, Settings};
-use crate::framing::WatchedStream;
-use crate::proxy::body::ResponseBody;
+use crate::proxy::body::{ClientBody, ResponseBody};
 use crate::proxy::{ClientConn, Proxy};
 
 use super::accept::{OpenConnection, Protocol};
 use super::http1::{serve_http1, Http1Conn, PollReadable};
-use super::http2::serve_http2;
+use super::http1_io::ClientIo;
+use super::http2::{serve_http2, Prefixed};
 
-/// hyper's HTTP/1.1 and HTTP/2 server settings; a connection takes one or the other (ALPN
-/// on TLS, the first bytes on a plain listener).
+/// The HTTP/1.1 and HTTP/2 server settings; a connection takes one or the other (ALPN on
+/// TLS, the first bytes on a plain listener).
 pub(super) struct ConnectionBuilders {
-    pub(super) http1: http1::Builder,
+    pub(super) http1: Http1Settings,
     pub(super) http2: http2::Builder<TokioExecutor>,
-    /// How long an HTTP/1.1 connection may wait for its next request.
+}
+
+/// How the HTTP/1.1 loop bounds a connection.
+pub(super) struct Http1Settings {
+    /// A request head larger than this is answered 431.
+    pub(super) max_head: usize,
+    /// How long a request head may take to arrive once it has started.
+    pub(super) header_timeout: Duration,
+    /// How long a connection may wait for its next request.
     pub(super) keepalive_idle: Duration,
 }
 
 impl ConnectionBuilders {
     pub(super) fn new(settings: &Settings) -> Self {
         let config = &settings.config;
-        let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            // hyper arms this both for the first request head and while a keep-alive
-            // connection waits for the next one, so it bounds slow heads and idle clients.
-            .header_read_timeout(config.timeouts.client_header)
-            .max_buf_size(config.limits.max_request_header_bytes)
-            .keep_alive(true);
+        // The header timeout bounds both a head on its way and the wait for the next one.
+        let http1 = Http1Settings {
+            max_head: config.limits.max_request_header_bytes,
+            header_timeout: config.timeouts.client_header,
+            keepalive_idle: config.timeouts.client_header,
+        };
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -55,11 +60,7 @@ impl ConnectionBuilders {
             )
             .keep_alive_interval(Some(config.timeouts.idle_keepalive / 2))
             .keep_alive_timeout(Duration::from_secs(20));
-        ConnectionBuilders {
-            http1,
-            http2,
-            keepalive_idle: config.timeouts.client_header,
-        }
+        ConnectionBuilders { http1, http2 }
     }
 }
 
@@ -69,8 +70,7 @@ pub(super) struct ServedBy {
     pub(super) shutdown: watch::Receiver<bool>,
 }
 
-/// Everything about a client connection except the framing report, which exists only once
-/// the stream is wrapped.
+/// Everything about a client connection the proxy needs to know.
 pub(super) struct ConnSetup {
     pub(super) peer: SocketAddr,
     pub(super) mode: ListenerMode,
@@ -93,7 +93,6 @@ pub(super) fn serve_connection<S>(
 ) where
     S: PollReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (stream, framing) = WatchedStream::new(stream, first);
     let peer = client.peer;
     let tls = client.mode == ListenerMode::Tls;
     let client = Arc::new(ClientConn::new(
@@ -105,25 +104,27 @@ pub(super) fn serve_connection<S>(
             _ => None,
         },
         if tls { client.hsts } else { None },
-        framing,
     ));
     let ServedBy { proxy, shutdown } = served;
-    let service = ProxyService { proxy, client };
     match protocol {
         Protocol::Http1 => tokio::spawn(serve_http1(Http1Conn {
-            stream,
-            service,
+            io: ClientIo::new(stream, first),
+            proxy,
+            client,
             shutdown,
             open,
         })),
-        Protocol::Http2 => tokio::spawn(serve_http2(stream, service, shutdown, open, peer)),
+        Protocol::Http2 => {
+            let stream = Prefixed::new(stream, first);
+            let service = ProxyService { proxy, client };
+            tokio::spawn(serve_http2(stream, service, shutdown, open, peer))
+        }
     };
 }
 
 pub(super) fn log_connection_end(peer: SocketAddr, result: hyper::Result<()>) {
     if let Err(e) = result {
-        // hyper answers malformed and oversize request heads itself (400, 431) and ends the
-        // connection; this is that request's one log line.
+        // hyper's HTTP/2 server refuses malformed streams itself; this is that one log line.
         if e.is_parse() || e.is_parse_too_large() {
             tracing::info!(client = %peer, error = %e, "request refused by the HTTP parser")
         } else {
@@ -132,9 +133,8 @@ pub(super) fn log_connection_end(peer: SocketAddr, result: hyper::Result<()>) {
     }
 }
 
-/// Hands each request of a connection to the proxy. The future is boxed so the HTTP/1.1
-/// loop can poll hyper's connection by hand (`poll_without_shutdown` wants it `Unpin`); the
-/// box also keeps a request's state out of the connection while none is in flight.
+/// Hands each HTTP/2 request to the proxy, in a future of its own (hyper's HTTP/2 server
+/// runs each stream as a task).
 #[derive(Clone)]
 pub(super) struct ProxyService {
     pub(super) proxy: Arc<Proxy>,
@@ -151,6 +151,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let proxy = self.proxy.clone();
         let client = self.client.clone();
+        let req = req.map(ClientBody::Http2);
         Box::pin(async move { Ok(proxy.handle(req, &client).await) })
     }
 }

@@ -1,26 +1,29 @@
-//! An HTTP/1.1 connection, served: hyper's HTTP/1.1 server in spells, with the connection
-//! parked between them (no hyper connection, no buffer: [`IdleWatch`] says when,
-//! [`wait_parked`] waits for the next request), an upgrade's tunnel, and the close: a FIN
-//! after the last answer, or a lingering close while the client may still be sending a body.
+//! An HTTP/1.1 connection, served on our codec ([`crate::http1`]): each request's head read
+//! and checked where it is parsed, the request handed to the proxy with its body read from
+//! the connection as the proxy forwards it, the response written with the framing its body
+//! needs, pipelined requests in order; between requests the connection holds no buffer
+//! (parked) until the client sends again. Then an upgrade's tunnel, or the close: a FIN after
+//! the last answer, or a lingering close while the client may still be sending.
 
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::server::conn::http1::Parts;
-use hyper_util::rt::TokioIo;
+use hyper::Request;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::framing::WatchedStream;
-use crate::proxy::client::Ledger;
+use crate::http1::{HeadError, HeadReader, RequestHead};
+use crate::proxy::body::ClientBody;
+use crate::proxy::{ClientConn, Proxy, ProxyError};
 
 use super::accept::OpenConnection;
-use super::connection::{log_connection_end, ProxyService};
-use super::shutdown::{before_shutdown, shutdown_requested};
+use super::http1_io::ClientIo;
+use super::http1_response::{ResponsePlan, ResponseWriter};
+use super::shutdown::before_shutdown;
 
 /// A client stream whose readiness can be awaited without a read buffer, so a connection
 /// between requests holds none. Polled, not a future: a parked connection then keeps no
@@ -48,82 +51,220 @@ impl PollReadable for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// An HTTP/1.1 client connection between exchanges: all it keeps while parked.
+/// An HTTP/1.1 client connection: all it keeps between requests.
 pub(super) struct Http1Conn<S> {
-    pub(super) stream: WatchedStream<S>,
-    pub(super) service: ProxyService,
+    pub(super) io: Arc<ClientIo<S>>,
+    pub(super) proxy: Arc<Proxy>,
+    pub(super) client: Arc<ClientConn>,
     pub(super) shutdown: watch::Receiver<bool>,
     pub(super) open: OpenConnection,
 }
 
-/// How a spell of hyper serving a connection ended.
+/// How serving one request left the connection.
 enum Served {
-    /// Idle between requests: hyper has let go of the stream; wait for the next request.
-    Parked,
-    /// The client closed or asked to, hyper ended the connection, or the server is stopping.
+    KeepAlive,
+    /// Closes after the answer.
     Close,
+    /// Closes, but the client may still be sending (a body answered before it was read, a
+    /// refused head): lingering close.
+    Linger,
+    /// The 101 is written: the tunnel takes the connection.
+    Upgraded,
+    /// The client is gone (a reset, a failed write): nothing more to do.
+    Gone,
 }
 
-/// Serves an HTTP/1.1 connection. Once it has been idle between requests for
-/// [`PARK_AFTER`], it is parked: hyper's connection is asked to finish (the ledger in
-/// [`crate::proxy::client`] says when that is safe), handing back the stream and any bytes
-/// it read ahead; the next request's first bytes are then awaited with no buffer at all, and
-/// a fresh hyper connection serves it. An upgrade's tunnel runs here too, on the stream
-/// hyper hands back after the 101.
+/// Serves an HTTP/1.1 connection to its end.
 //
 // A plain function handing back an `async move` block that uses `conn` as captured: an
-// `async fn` would keep a second copy of its argument in the future, which is what a parked
-// connection's memory is made of.
+// `async fn` would keep a second copy of its argument in the future, and this future is
+// what every idle connection's memory is made of. The work of a request is boxed
+// (`serve_request`): it exists only while a request is served.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn keeps a second copy of `conn`"
 )]
-pub(super) fn serve_http1<S>(mut conn: Http1Conn<S>) -> impl Future<Output = ()> + Send
+pub(super) fn serve_http1<S>(conn: Http1Conn<S>) -> impl Future<Output = ()> + Send
 where
     S: PollReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async move {
-        loop {
-            // Boxed: hyper's connection and the idle watch exist only while hyper serves.
-            let (back, served) = Box::pin(serve_until_parked(conn)).await;
-            conn = back;
-            if let Some(tunnel) = conn.service.client.take_tunnel() {
-                Box::pin(tunnel.run(conn.stream)).await;
-                return;
+        let ending = loop {
+            match Box::pin(serve_request(&conn)).await {
+                Served::KeepAlive => {}
+                ending => break ending,
             }
-            match served {
-                Ok(Served::Parked) => {}
-                Ok(Served::Close) => break,
-                Err(e) => {
-                    // Dropped, not closed gracefully: as when hyper ends a connection on an
-                    // error.
-                    log_connection_end(conn.service.client.peer, Err(e));
-                    return;
-                }
+            let buffered = {
+                let mut state = conn.io.lock();
+                state.read.release_if_empty();
+                !state.read.bytes.is_empty()
+            };
+            // A pipelined request is served at once; otherwise the connection parks.
+            if !buffered && !wait_parked(&conn).await {
+                break Served::Close;
             }
-            if !conn.stream.has_buffered() && !wait_parked(&mut conn).await {
-                break;
-            }
+        };
+        finish(conn, ending).await;
+    }
+}
+
+/// Serves the next request of the connection: its head, the proxy's answer, and the writing
+/// of that answer.
+async fn serve_request<S>(conn: &Http1Conn<S>) -> Served
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let head = match read_head(conn).await {
+        Ok(Some(head)) => head,
+        Ok(None) => return Served::Close,
+        Err(error) => return refuse(conn, error).await,
+    };
+    let plan_close = !head.keep_alive || *conn.shutdown.borrow();
+    let head_request = head.method == hyper::Method::HEAD;
+    let http10_client = head.version == hyper::Version::HTTP_10;
+    let request = into_request(head, &conn.io);
+    let Some(response) = answer_watching_client(conn, request).await else {
+        return Served::Gone;
+    };
+    let (body_whole, read_closed) = {
+        let state = conn.io.lock();
+        (state.body_is_whole(), state.read_closed)
+    };
+    let plan = ResponsePlan {
+        head_request,
+        http10_client,
+        close: plan_close || !body_whole || read_closed,
+    };
+    let upgraded = response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let (mut writer, close) = ResponseWriter::new(response, &plan);
+    let written =
+        std::future::poll_fn(|cx| writer.poll_write(&mut conn.io.lock().stream, cx)).await;
+    drop(writer);
+    match written {
+        Err(e) => {
+            tracing::debug!(client = %conn.client.peer, error = %e, "response not written whole");
+            Served::Gone
         }
-        let within = conn.open.context.builders.keepalive_idle;
-        if conn.service.client.ledger.body_unread() {
-            let stream = conn.stream.into_inner();
-            Box::pin(close_lingering(stream, within, &conn.shutdown)).await;
-        } else {
-            Box::pin(close(conn.stream, within)).await;
+        Ok(()) if upgraded => Served::Upgraded,
+        Ok(()) if !body_whole => Served::Linger,
+        Ok(()) if close => Served::Close,
+        Ok(()) => Served::KeepAlive,
+    }
+}
+
+/// Reads the next request head. A head already whole in the buffer needs no timer; one
+/// still arriving gets the header timeout, and is given up on shutdown. `None` when the
+/// client closed (or sent nothing in time) between requests.
+async fn read_head<S>(conn: &Http1Conn<S>) -> Result<Option<RequestHead>, HeadError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let settings = &conn.open.context.builders.http1;
+    let mut reader = HeadReader::new(settings.max_head);
+    if let Some(head) = reader.request(&mut conn.io.lock().read.bytes)? {
+        return Ok(Some(head));
+    }
+    let arriving = std::future::poll_fn(|cx| loop {
+        let mut state = conn.io.lock();
+        let state = &mut *state;
+        match state.read.poll_fill(&mut state.stream, cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(_)) => {}
         }
+        match reader.request(&mut state.read.bytes) {
+            Ok(None) => {}
+            done => return Poll::Ready(done),
+        }
+    });
+    match before_shutdown(settings.header_timeout, &conn.shutdown, arriving).await {
+        Some(Ok(head)) => head,
+        Some(Err(_)) => {
+            tracing::debug!(client = %conn.client.peer, "no whole request head within the header timeout");
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+/// The request for the proxy; its body, if any, is read from the connection.
+fn into_request<S>(head: RequestHead, io: &Arc<ClientIo<S>>) -> Request<ClientBody>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let body = if head.framing.is_empty() {
+        io.lock().begin_body(head.framing, false);
+        ClientBody::Empty
+    } else {
+        io.lock().begin_body(head.framing, head.expects_continue);
+        ClientBody::Http1(io.clone())
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method;
+    *request.uri_mut() = head.uri;
+    *request.version_mut() = head.version;
+    *request.headers_mut() = head.headers;
+    request
+}
+
+/// The proxy's answer to `request`. While the proxy works, the client is watched once its
+/// body is read: a FIN (a client that half-closed after its request) is noted and the answer
+/// still written; a reset ends the request at once (`None`), cancelling it at the node.
+async fn answer_watching_client<S>(
+    conn: &Http1Conn<S>,
+    request: Request<ClientBody>,
+) -> Option<hyper::Response<crate::proxy::body::ResponseBody>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let max = conn.open.context.builders.http1.max_head;
+    let mut answer = std::pin::pin!(conn.proxy.handle(request, &conn.client));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(response) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Some(response));
+        }
+        match conn.io.lock().poll_watch(cx, max) {
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(client = %conn.client.peer, error = %e, "client gone before its answer");
+                Poll::Ready(None)
+            }
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Answers a head the codec refused (400, 431, 501) and closes: one log line, a short body.
+async fn refuse<S>(conn: &Http1Conn<S>, error: HeadError) -> Served
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tracing::info!(client = %conn.client.peer, error = %error, "request refused by the HTTP parser");
+    let response = ProxyError::BadHead(error).into_response();
+    let plan = ResponsePlan {
+        head_request: false,
+        http10_client: false,
+        close: true,
+    };
+    let (mut writer, _) = ResponseWriter::new(response, &plan);
+    let written =
+        std::future::poll_fn(|cx| writer.poll_write(&mut conn.io.lock().stream, cx)).await;
+    match written {
+        // The client may still be sending the rest of its head or body: let it, so it reads
+        // the answer instead of a reset.
+        Ok(()) => Served::Linger,
+        Err(_) => Served::Gone,
     }
 }
 
 /// Waits, holding no buffer, for a parked connection's next bytes: false when the client
 /// sent none within the keep-alive wait or the server is stopping. Every parked connection
-/// holds this future, so it is kept lean: a plain function around an `async move` (no second
-/// copy of the argument), and no locals beyond the two timers.
+/// holds this future, so it is kept lean: no locals beyond the two timers.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn keeps a second copy of `conn`"
 )]
-fn wait_parked<S>(conn: &mut Http1Conn<S>) -> impl Future<Output = bool> + Send + '_
+fn wait_parked<S>(conn: &Http1Conn<S>) -> impl Future<Output = bool> + Send + '_
 where
     S: PollReadable + Send,
 {
@@ -131,16 +272,16 @@ where
         if *conn.shutdown.borrow() {
             return false;
         }
-        conn.open.context.metrics.parked_connections.inc();
-        let idle = conn.open.context.builders.keepalive_idle;
-        let mut expiry = std::pin::pin!(tokio::time::sleep(idle));
-        // Any change is the shutdown (it is sent once), and so is the sender's end;
-        // `changed` rather than `shutdown_requested`, whose future is larger.
-        let mut stop = std::pin::pin!(conn.shutdown.changed());
+        let metrics = &conn.open.context.metrics;
+        metrics.parked_connections.inc();
+        let mut expiry = std::pin::pin!(tokio::time::sleep(
+            conn.open.context.builders.http1.keepalive_idle
+        ));
+        let mut watcher = conn.shutdown.clone();
+        // Any change is the shutdown (it is sent once), and so is the sender's end.
+        let mut stop = std::pin::pin!(watcher.changed());
         let ready = std::future::poll_fn(|cx| {
-            // Taken `&mut` so the future is `Send` without asking the stream to be `Sync`.
-            let stream: &mut WatchedStream<S> = &mut conn.stream;
-            if let Poll::Ready(ready) = stream.get_ref().poll_readable(cx) {
+            if let Poll::Ready(ready) = conn.io.lock().stream.poll_readable(cx) {
                 return Poll::Ready(ready.is_ok());
             }
             if stop.as_mut().poll(cx).is_ready() || expiry.as_mut().poll(cx).is_ready() {
@@ -149,135 +290,36 @@ where
             Poll::Pending
         })
         .await;
-        conn.open.context.metrics.parked_connections.dec();
+        metrics.parked_connections.dec();
         ready
     }
 }
 
-/// Lets hyper serve the connection until it ends, or until it has been idle between
-/// requests long enough to park; hands the connection back with the stream and hyper's
-/// read-ahead in it.
-async fn serve_until_parked<S>(mut conn: Http1Conn<S>) -> (Http1Conn<S>, hyper::Result<Served>)
+/// Ends the connection as serving it decided: a tunnel, a close, a lingering close.
+async fn finish<S>(conn: Http1Conn<S>, ending: Served)
 where
-    S: PollReadable + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // The stream moves into hyper for the spell and back into `conn` after it.
-    let mut connection = conn
-        .open
-        .context
-        .builders
-        .http1
-        .serve_connection(TokioIo::new(conn.stream), conn.service.clone());
-    let ledger = &conn.service.client.ledger;
-    let mut stopping = false;
-    let mut parking = false;
-    let result = {
-        // The waiter is polled once, which registers this task for the shutdown's wake-up,
-        // and after that only when the signal has changed: this loop runs at least twice per
-        // request, and each poll of the waiter takes its lock. Unconstrained by tokio's
-        // task budget, or a first poll at the end of a busy turn could return without having
-        // registered, and this spell would never hear the shutdown.
-        let mut watcher = conn.shutdown.clone();
-        let mut stop = std::pin::pin!(tokio::task::unconstrained(shutdown_requested(&mut watcher)));
-        let mut stop_registered = false;
-        let shutdown = &conn.shutdown;
-        let mut idle = IdleWatch::new(ledger.answered());
-        std::future::poll_fn(|cx| loop {
-            // The connection first: it is what wakes this task, for every request.
-            if let Poll::Ready(done) = connection.poll_without_shutdown(cx) {
-                return Poll::Ready(done);
-            }
-            let look_at_stop =
-                !stopping && (!stop_registered || !matches!(shutdown.has_changed(), Ok(false)));
-            stop_registered = true;
-            if look_at_stop && stop.as_mut().poll(cx).is_ready() {
-                // Shutdown: an idle connection closes now, a busy one after its exchange.
-                stopping = true;
-            } else if !stopping && !parking && idle.poll_idle(cx, ledger) {
-                parking = true;
-            } else {
-                return Poll::Pending;
-            }
-            Pin::new(&mut connection).graceful_shutdown();
-        })
-        .await
+    let within = conn.open.context.builders.http1.keepalive_idle;
+    let tunnel = conn.client.take_tunnel();
+    let Some((stream, leftover)) = ClientIo::into_parts(conn.io) else {
+        return;
     };
-    let Parts { io, read_buf, .. } = connection.into_parts();
-    conn.stream = io.into_inner();
-    conn.stream.unread(read_buf);
-    let served = result.map(|()| {
-        if parking && !stopping {
-            Served::Parked
-        } else {
-            Served::Close
+    match (ending, tunnel) {
+        (Served::Upgraded, Some(tunnel)) => {
+            Box::pin(tunnel.run(stream, leftover.freeze())).await;
         }
-    });
-    (conn, served)
-}
-
-/// How long an HTTP/1.1 connection stays idle between requests before it gives up hyper's
-/// buffers; it is parked within two of these. Not at once: a busy keep-alive client sends
-/// its next request within milliseconds, and building hyper's connection again for each
-/// request would cost markedly more CPU per request, which a client pausing
-/// longer than this pays only on requests that are rare. Not longer: until then a
-/// connection holds hyper's buffers, and when many connections arrive together (many
-/// clients sending one request each) they all hold them at once; that peak leaves
-/// jemalloc's metadata and slabs grown for good, so the longer this wait, the more memory
-/// each idle connection keeps resident afterwards.
-const PARK_AFTER: Duration = Duration::from_millis(100);
-
-/// Tells when a connection has been between requests for a whole tick of [`PARK_AFTER`]:
-/// no response since the last tick, and the ledger says nothing is owed either way. One
-/// timer per connection while hyper serves it, re-armed once a tick (never per request).
-///
-/// The timer is made only once the spell has answered a request: a connection can park only
-/// after an answer, and a client that sends one request and closes (`Connection: close`)
-/// then costs no timer at all.
-struct IdleWatch {
-    tick: Option<Pin<Box<tokio::time::Sleep>>>,
-    answered_at_start: u64,
-    answered_at_tick: u64,
-}
-
-impl IdleWatch {
-    fn new(answered: u64) -> Self {
-        IdleWatch {
-            tick: None,
-            answered_at_start: answered,
-            answered_at_tick: answered,
+        (Served::Linger, _) => Box::pin(close_lingering(stream, within, &conn.shutdown)).await,
+        (Served::Gone, _) => {}
+        _ => {
+            Box::pin(close(stream, within)).await;
         }
     }
-
-    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>, ledger: &Ledger) -> bool {
-        let answered = ledger.answered();
-        let tick = match &mut self.tick {
-            Some(tick) => {
-                // A look at the timer's state, not a poll: polling it on every wake-up of a
-                // busy connection would register the waker again each time.
-                if !tick.is_elapsed() {
-                    return false;
-                }
-                if answered == self.answered_at_tick
-                    && ledger.between_requests(self.answered_at_start)
-                {
-                    return true;
-                }
-                tick.as_mut()
-                    .reset(tokio::time::Instant::now() + PARK_AFTER);
-                tick
-            }
-            None if answered == self.answered_at_start => return false,
-            None => self.tick.insert(Box::pin(tokio::time::sleep(PARK_AFTER))),
-        };
-        self.answered_at_tick = answered;
-        // Registers this task's waker with the timer; the deadline is ahead, so it is pending.
-        let _ = tick.as_mut().poll(cx);
-        false
-    }
+    drop(conn.open);
 }
 
-/// Ends a connection the way hyper would: a FIN (and a TLS close_notify) after what was
-/// written, bounded in time for a client that reads nothing. False when that bound passed.
+/// Ends a connection: a FIN (and a TLS close_notify) after what was written, bounded in time
+/// for a client that reads nothing. False when that bound passed.
 async fn close<S: AsyncWrite + Unpin>(mut stream: S, within: Duration) -> bool {
     tokio::time::timeout(within, stream.shutdown())
         .await
@@ -289,12 +331,12 @@ async fn close<S: AsyncWrite + Unpin>(mut stream: S, within: Duration) -> bool {
 const LINGER_QUIET: Duration = Duration::from_secs(5);
 const LINGER_TOTAL: Duration = Duration::from_secs(30);
 
-/// Ends a connection whose client may still be sending a body the proxy answered early (a
-/// refused upload): the FIN after the answer, then what the client sends is read and
-/// dropped until it closes, pauses [`LINGER_QUIET`], [`LINGER_TOTAL`] has passed or the
-/// server stops. Closing a socket with unread bytes sends a reset instead of a FIN, which
-/// fails the client's upload with "broken pipe" or "connection reset" (and on some systems
-/// drops the answer unread) where it should read the 413: nginx's lingering close.
+/// Ends a connection whose client may still be sending (a body the proxy answered early, a
+/// refused head): the FIN after the answer, then what the client sends is read and dropped
+/// until it closes, pauses [`LINGER_QUIET`], [`LINGER_TOTAL`] has passed or the server
+/// stops. Closing a socket with unread bytes sends a reset instead of a FIN, which fails the
+/// client's upload with "broken pipe" or "connection reset" (and on some systems drops the
+/// answer unread) where it should read the 413: nginx's lingering close.
 async fn close_lingering<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     within: Duration,

@@ -2,17 +2,19 @@
 //! the client ends it, or until shutdown asks it to finish its in-flight streams (a GOAWAY).
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
 
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http2;
 use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
-
-use crate::framing::WatchedStream;
 
 use super::accept::OpenConnection;
 use super::connection::{log_connection_end, ProxyService};
@@ -27,7 +29,7 @@ use super::shutdown::{until_shutdown, GracefulConnection};
     reason = "an async fn keeps a second copy of the arguments"
 )]
 pub(super) fn serve_http2<S>(
-    stream: WatchedStream<S>,
+    stream: Prefixed<S>,
     service: ProxyService,
     shutdown: watch::Receiver<bool>,
     open: OpenConnection,
@@ -50,6 +52,67 @@ where
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A client stream with the bytes read from it to tell its protocol served first.
+pub(super) struct Prefixed<S> {
+    first: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub(super) fn new(inner: S, first: Vec<u8>) -> Self {
+        Prefixed {
+            first: Bytes::from(first),
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.first.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let take = this.first.len().min(buf.remaining());
+        buf.put_slice(&this.first.split_to(take));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 impl<I, B, S, E> GracefulConnection for http2::Connection<I, S, E>
 where

@@ -34,6 +34,8 @@
 mod accept;
 mod connection;
 mod http1;
+mod http1_io;
+mod http1_response;
 mod http2;
 mod reload;
 mod shutdown;

@@ -2,40 +2,36 @@
 //! response is read (a node may answer before the body ends), then the response body read
 //! out of the connection's buffer as the client takes it.
 //!
-//! Reads and writes go straight to the socket (`try_read_buf`, `try_write_vectored` after a
-//! readiness poll): no task per connection and no channel between the request and the
-//! connection, which is what hyper's client connection costs per exchange.
+//! Reads and writes go straight to the socket from the request's own task (vectored
+//! writes): no task per connection and no channel between the request and the connection,
+//! which is what hyper's client connection costs per exchange.
 
 use std::future::{poll_fn, Future};
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::Method;
 use tokio::net::TcpStream;
 
 use crate::http1::{
     chunk_size_line, last_chunk_with_trailers, BodyDecoder, BodyError, BodyFraming, Decoded,
-    HeadError, HeadReader, ResponseHead, LAST_CHUNK,
+    HeadError, HeadReader, ReadBuffer, ResponseHead, WriteQueue, LAST_CHUNK,
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response head longer than this is refused (502).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// The first read of a response reserves this much; reads that fill the buffer double it.
-const FIRST_READ: usize = 8 * 1024;
-const LARGEST_READ: usize = 256 * 1024;
 
 /// A connection to one node, between exchanges or in one.
 #[derive(Debug)]
 pub struct NodeConnection {
     stream: TcpStream,
-    read_buf: BytesMut,
-    read_size: usize,
+    read: ReadBuffer,
     /// It has carried an exchange before (it came from the idle pool).
     reused: bool,
 }
@@ -71,76 +67,11 @@ pub struct Exchanged {
     pub request_sent: bool,
 }
 
-/// The request bytes still to be written: a few segments (head, a chunk's size line, its
-/// data, its end), written together with one vectored write where the socket takes them.
-struct Outgoing {
-    parts: [Bytes; 4],
-    len: usize,
-}
-
-impl Outgoing {
-    fn new() -> Self {
-        Outgoing {
-            parts: Default::default(),
-            len: 0,
-        }
-    }
-
-    fn push(&mut self, part: Bytes) {
-        if !part.is_empty() {
-            // At most four parts are pushed between writes (size line, data, CRLF; or the
-            // head with one frame's three).
-            if let Some(slot) = self.parts.get_mut(self.len) {
-                *slot = part;
-                self.len += 1;
-            }
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    fn advance(&mut self, mut written: usize) {
-        while written > 0 && self.len > 0 {
-            let first = &mut self.parts[0];
-            if written < first.len() {
-                first.advance(written);
-                return;
-            }
-            written -= first.len();
-            self.parts.rotate_left(1);
-            self.len -= 1;
-            self.parts[self.len] = Bytes::new();
-        }
-    }
-
-    fn poll_write(&mut self, stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.is_empty() {
-            ready!(stream.poll_write_ready(cx))?;
-            let slices = [
-                IoSlice::new(&self.parts[0]),
-                IoSlice::new(&self.parts[1]),
-                IoSlice::new(&self.parts[2]),
-                IoSlice::new(&self.parts[3]),
-            ];
-            match stream.try_write_vectored(&slices[..self.len]) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(written) => self.advance(written),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
 impl NodeConnection {
     pub fn new(stream: TcpStream) -> Self {
         NodeConnection {
             stream,
-            read_buf: BytesMut::new(),
-            read_size: FIRST_READ,
+            read: ReadBuffer::default(),
             reused: false,
         }
     }
@@ -168,7 +99,7 @@ impl NodeConnection {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        let mut out = Outgoing::new();
+        let mut out = WriteQueue::new();
         out.push(head);
         let mut body_done = framing.is_empty();
         let mut body_touched = false;
@@ -177,7 +108,7 @@ impl NodeConnection {
         let head = poll_fn(|cx| loop {
             let sending = !out.is_empty() || !body_done;
             if sending {
-                match out.poll_write(&self.stream, cx) {
+                match out.poll_write(&mut self.stream, cx) {
                     Poll::Ready(Ok(())) if !body_done => {
                         match Pin::new(&mut *body).poll_frame(cx) {
                             Poll::Ready(frame) => {
@@ -200,7 +131,7 @@ impl NodeConnection {
                 timer = Some(Box::pin(tokio::time::sleep(timeout)));
             }
             // The response, whether or not the request is all written.
-            if let Some(head) = heads.response(&mut self.read_buf, method)? {
+            if let Some(head) = heads.response(&mut self.read.bytes, method)? {
                 if head.status.is_informational() && head.status != 101 {
                     // An interim answer (100 Continue): the final one follows.
                     continue;
@@ -244,7 +175,7 @@ impl NodeConnection {
     /// Nothing came back on a pooled connection and nothing of the client's body was taken:
     /// the node closed it before reading the request.
     fn stale(&self, body_touched: bool) -> bool {
-        self.reused && !body_touched && self.read_buf.is_empty()
+        self.reused && !body_touched && self.read.bytes.is_empty()
     }
 
     fn failure(&self, error: io::Error, body_touched: bool) -> ExchangeError {
@@ -263,35 +194,19 @@ impl NodeConnection {
 
     /// Reads what the node sent into the read buffer; `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read_buf.capacity() - self.read_buf.len() < self.read_size / 2 {
-            self.read_buf.reserve(self.read_size);
-        }
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            let room = self.read_buf.capacity() - self.read_buf.len();
-            match self.stream.try_read_buf(&mut self.read_buf) {
-                Ok(read) => {
-                    if read == room && self.read_size < LARGEST_READ {
-                        self.read_size *= 2;
-                    }
-                    return Poll::Ready(Ok(read));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        self.read.poll_fill(&mut self.stream, cx)
     }
 
     /// The socket and whatever the node sent after its 101, for a tunnel.
     pub fn into_upgraded(self) -> (TcpStream, Bytes) {
-        (self.stream, self.read_buf.freeze())
+        (self.stream, self.read.bytes.freeze())
     }
 }
 
 /// Queues one frame of the client's body with the framing of the node's hop; true once the
 /// body has ended.
 fn queue_frame<E: Into<BoxError>>(
-    out: &mut Outgoing,
+    out: &mut WriteQueue,
     frame: Option<Result<Frame<Bytes>, E>>,
     framing: BodyFraming,
 ) -> Result<bool, ExchangeError> {
@@ -345,13 +260,13 @@ impl NodeResponseBody {
     /// The connection, once the body was read whole and the node may take another request
     /// on it.
     pub fn finished_connection(&mut self) -> Option<NodeConnection> {
-        let clean = self.conn.as_ref().is_some_and(|c| c.read_buf.is_empty());
+        let clean = self.conn.as_ref().is_some_and(|c| c.read.bytes.is_empty());
         if !(self.decoder.is_done() && self.reusable && clean) {
             return None;
         }
         let mut conn = self.conn.take()?;
         // An idle connection holds no buffer.
-        conn.read_buf = BytesMut::new();
+        conn.read.release_if_empty();
         conn.reused = true;
         Some(conn)
     }
@@ -378,7 +293,7 @@ impl Body for NodeResponseBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match this.decoder.decode(&mut conn.read_buf) {
+            match this.decoder.decode(&mut conn.read.bytes) {
                 Ok(Some(Decoded::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Ok(Some(Decoded::Trailers(trailers))) => {
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))))
