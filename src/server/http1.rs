@@ -119,7 +119,7 @@ where
         Ok(None) => return Served::Close,
         Err(error) => return refuse(conn, error).await,
     };
-    let plan_close = !head.keep_alive || *conn.shutdown.borrow();
+    let keep_alive = head.keep_alive;
     let head_request = head.method == hyper::Method::HEAD;
     let http10_client = head.version == hyper::Version::HTTP_10;
     let request = into_request(head, &conn.io);
@@ -133,7 +133,8 @@ where
     let plan = ResponsePlan {
         head_request,
         http10_client,
-        close: plan_close || !body_whole || read_closed,
+        // Shutdown: a busy connection closes after its exchange.
+        close: !keep_alive || !body_whole || read_closed || *conn.shutdown.borrow(),
     };
     let upgraded = response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
     let (mut writer, close) = ResponseWriter::new(response, &plan);
