@@ -2,6 +2,8 @@
 //! buffer, checked where `httparse` is lenient, and turned into `http` types whose values
 //! share the buffer's memory (no copy of a field value).
 
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{HeaderMap, Method, StatusCode, Uri, Version};
@@ -88,9 +90,10 @@ impl HeadReader {
         let Some(head) = self.take_head(buf)? else {
             return Ok(None);
         };
-        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let mut parsed = httparse::Request::new(&mut fields);
-        whole_parse(parsed.parse(&head), &head)?;
+        // Uninitialised slots: the parser writes only those it fills (no 4 KiB to clear).
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+        let mut parsed = httparse::Request::new(&mut []);
+        whole_parse(parsed.parse_with_uninit_headers(&head, &mut fields), &head)?;
         refuse_bare_lf(&head)?;
         let http10 = parsed.version == Some(0);
         let method = parsed
@@ -101,7 +104,7 @@ impl HeadReader {
             .path
             .and_then(|p| Uri::from_maybe_shared(head.slice_ref(p.as_bytes())).ok())
             .ok_or(HeadError::Malformed("invalid request target"))?;
-        let (headers, scan) = field_map(&head, parsed.headers)?;
+        let (headers, scan) = field_map(&head, parsed.headers, FORWARDING_FIELDS)?;
         let framing = scan.request_framing(http10)?;
         Ok(Some(RequestHead {
             method,
@@ -125,16 +128,21 @@ impl HeadReader {
         let Some(head) = self.take_head(buf)? else {
             return Ok(None);
         };
-        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let mut parsed = httparse::Response::new(&mut fields);
-        whole_parse(parsed.parse(&head), &head)?;
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let verdict = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            &head,
+            &mut fields,
+        );
+        whole_parse(verdict, &head)?;
         refuse_bare_lf(&head)?;
         let http10 = parsed.version == Some(0);
         let status = parsed
             .code
             .and_then(|c| StatusCode::from_u16(c).ok())
             .ok_or(HeadError::Malformed("invalid status"))?;
-        let (headers, scan) = field_map(&head, parsed.headers)?;
+        let (headers, scan) = field_map(&head, parsed.headers, 1)?;
         let framing = scan.response_framing(method, status)?;
         Ok(Some(ResponseHead {
             status,
@@ -206,13 +214,18 @@ fn refuse_bare_lf(head: &[u8]) -> Result<(), HeadError> {
     Ok(())
 }
 
-/// The head's fields as a map whose values point into `head`, and what they say about
-/// framing and the connection.
+/// Room a request's map keeps for the fields the proxy adds (the forwarding fields, `Host`),
+/// so adding them does not grow it.
+const FORWARDING_FIELDS: usize = 5;
+
+/// The head's fields as a map whose values point into `head`, with room for `more`, and what
+/// they say about framing and the connection.
 fn field_map(
     head: &Bytes,
     fields: &[httparse::Header<'_>],
+    more: usize,
 ) -> Result<(HeaderMap, FieldScan), HeadError> {
-    let mut map = HeaderMap::with_capacity(fields.len());
+    let mut map = HeaderMap::with_capacity(fields.len() + more);
     let mut scan = FieldScan::default();
     for field in fields {
         let name = HeaderName::from_bytes(field.name.as_bytes())
