@@ -5,6 +5,7 @@
 //! never across one.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
@@ -12,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::http1::{BodyDecoder, BodyError, BodyFraming, Decoded, ReadBuffer, WriteQueue};
+use crate::http1::{BodyDecoder, BodyError, BodyFraming, Decoded, ReadBuffer};
 use crate::proxy::body::{BoxError, Http1BodySource};
 
 /// The stream, what has been read from it, and where the current request's body stands.
@@ -20,8 +21,9 @@ pub(super) struct IoState<S> {
     pub(super) stream: S,
     pub(super) read: ReadBuffer,
     pub(super) body: BodyProgress,
-    /// `100 Continue`, owed to a client that asked for it, until the body is first read.
-    continue_owed: WriteQueue,
+    /// Bytes of `100 Continue` still owed to a client that asked for it, written when the
+    /// body is first read.
+    continue_owed: u8,
     /// The client has sent its FIN (it may still read the answer).
     pub(super) read_closed: bool,
 }
@@ -40,6 +42,7 @@ pub(super) struct ClientIo<S> {
     state: Mutex<IoState<S>>,
 }
 
+/// Short enough for its unsent length to fit the byte that counts it.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 impl<S> ClientIo<S> {
@@ -49,7 +52,7 @@ impl<S> ClientIo<S> {
                 stream,
                 read: ReadBuffer::with(BytesMut::from(&first[..])),
                 body: BodyProgress::Whole,
-                continue_owed: WriteQueue::new(),
+                continue_owed: 0,
                 read_closed: false,
             }),
         })
@@ -80,7 +83,7 @@ impl<S> IoState<S> {
             BodyProgress::Reading(BodyDecoder::new(framing))
         };
         if expects_continue && !framing.is_empty() {
-            self.continue_owed.push(Bytes::from_static(CONTINUE));
+            self.continue_owed = CONTINUE.len() as u8;
         }
     }
 
@@ -95,11 +98,18 @@ impl<S> IoState<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> IoState<S> {
+    fn abandon(&mut self, error: io::Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.body = BodyProgress::Abandoned;
+        Poll::Ready(Some(Err(error.into())))
+    }
+
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.continue_owed.is_empty() {
-            if let Err(e) = ready!(self.continue_owed.poll_write(&mut self.stream, cx)) {
-                self.body = BodyProgress::Abandoned;
-                return Poll::Ready(Some(Err(e.into())));
+        while self.continue_owed > 0 {
+            let unsent = &CONTINUE[CONTINUE.len() - usize::from(self.continue_owed)..];
+            match ready!(Pin::new(&mut self.stream).poll_write(cx, unsent)) {
+                Ok(written @ 1..) => self.continue_owed -= written.min(unsent.len()) as u8,
+                Ok(0) => return self.abandon(io::ErrorKind::WriteZero.into()),
+                Err(e) => return self.abandon(e),
             }
         }
         loop {
@@ -111,19 +121,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> IoState<S> {
                 Ok(None) => match ready!(self.read.poll_fill(&mut self.stream, cx)) {
                     Ok(0) => {
                         self.read_closed = true;
-                        self.body = BodyProgress::Abandoned;
-                        return Poll::Ready(Some(Err(BodyError::Truncated.into())));
+                        return self.abandon(io::Error::other(BodyError::Truncated));
                     }
                     Ok(_) => continue,
-                    Err(e) => {
-                        self.body = BodyProgress::Abandoned;
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
+                    Err(e) => return self.abandon(e),
                 },
-                Err(e) => {
-                    self.body = BodyProgress::Abandoned;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
+                Err(e) => return self.abandon(io::Error::other(e)),
             };
             return Poll::Ready(match decoded {
                 Decoded::Data(data) => Some(Ok(Frame::data(data))),
