@@ -283,3 +283,32 @@ fn tokio_stream_of<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[tokio::test]
+async fn a_post_the_node_closed_on_is_not_sent_again() {
+    // As above, but the request crossing the close is a POST: the node may have acted on it
+    // before it went away, so it is not repeated (the SDK retries the 502 itself).
+    let (port, heads) = scripted_node(|n, _| {
+        (n == 0).then(|| {
+            (
+                vec![&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]],
+                false,
+            )
+        })
+    })
+    .await;
+    let proxy = proxy_to(port).await;
+    let (status, _, _) = get(addr(&proxy), "api.example.com", "/warm").await;
+    assert_eq!(status, StatusCode::OK);
+    let answer = raw(
+        addr(&proxy),
+        b"POST /tasks.create HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 502, "{answer}");
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        2,
+        "the POST reached the node once"
+    );
+}

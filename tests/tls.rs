@@ -467,3 +467,38 @@ async fn an_idle_tls_connection_parks_and_serves_its_next_request() {
     let targets: Vec<String> = cluster.api.seen().into_iter().map(|s| s.target).collect();
     assert_eq!(targets, ["/0", "/1"]);
 }
+
+/// A large answer over a TLS keep-alive connection arrives whole at once (the proxy flushes
+/// what TLS holds back when the socket is full), and the connection serves the next request.
+#[tokio::test]
+async fn a_large_download_over_tls_keep_alive_arrives_whole() {
+    let pki = Pki::new();
+    let cluster = Cluster {
+        app: Upstream::echo("127.0.0.1:0", "app").await,
+        files: Upstream::start("127.0.0.1:0", |_| async {
+            hyper::Response::new(full(vec![b'x'; 8 << 20]))
+        })
+        .await,
+        api: Upstream::echo("127.0.0.1:0", "api").await,
+    };
+    // Far beyond the test's bound: a response held back would wait for it.
+    let proxy = wildcard_proxy(&pki, &cluster, "[timeouts]\nclient_header = \"300s\"\n").await;
+    // A small receive window, so the proxy's writes keep meeting a full socket.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(proxy.local_addrs()[0]).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("files.example.com").unwrap();
+    let stream = pki
+        .connector(&[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut sender = h1_sender(stream).await;
+    for _ in 0..3 {
+        let (status, _, body) =
+            tokio::time::timeout(LIMIT, get_on(&mut sender, "files.example.com", "/big"))
+                .await
+                .expect("the answer arrived whole");
+        assert_eq!((status, body.len()), (StatusCode::OK, 8 << 20));
+    }
+}

@@ -95,7 +95,8 @@ impl BodyDecoder {
             }
             Kind::Chunked(chunked) => {
                 let decoded = chunked.decode(buf)?;
-                if let Some(Decoded::End) = decoded {
+                // Trailers are the last of a body: nothing is read after them.
+                if let Some(Decoded::End | Decoded::Trailers(_)) = decoded {
                     self.kind = Kind::Done;
                 }
                 Ok(decoded)
@@ -382,6 +383,18 @@ mod tests {
         assert_eq!(sized.at_eof(), Err(BodyError::Truncated));
         let mut chunked = BodyDecoder::new(BodyFraming::Chunked);
         assert_eq!(chunked.at_eof(), Err(BodyError::Truncated));
+    }
+
+    #[test]
+    fn a_body_is_done_once_its_trailers_are_taken() {
+        let mut decoder = BodyDecoder::new(BodyFraming::Chunked);
+        let mut buf = BytesMut::from(&b"0\r\nX-Sum: 1\r\n\r\nGET"[..]);
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Ok(Some(Decoded::Trailers(_)))
+        ));
+        assert!(decoder.is_done());
+        assert_eq!(&buf[..], b"GET");
     }
 
     #[test]

@@ -28,3 +28,13 @@ pub use read_buffer::ReadBuffer;
 
 #[cfg(test)]
 mod properties;
+
+/// Whether a request with this method may be sent twice with the effect of once (RFC 9110
+/// §9.2.2): what a request written to a node that then failed needs to go again.
+pub fn is_idempotent(method: &hyper::Method) -> bool {
+    use hyper::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}

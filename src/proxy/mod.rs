@@ -403,7 +403,8 @@ fn prepare(
     let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
     let mut head = Vec::new();
     http1::request_head(&mut head, &parts.method, target, &parts.headers, framing);
-    let replayable = framing.is_empty() && !upgrade && nodes > 1 && is_idempotent(&parts.method);
+    let replayable =
+        framing.is_empty() && !upgrade && nodes > 1 && http1::is_idempotent(&parts.method);
     Outbound {
         head: Bytes::from(head),
         method: parts.method.clone(),
@@ -530,14 +531,6 @@ fn fail_open_is_due(last: u64, now: u64) -> bool {
 
 /// Attempts per request, counting connects and sends that never left the edge.
 const MAX_ATTEMPTS: usize = 4;
-
-/// RFC 9110 §9.2.2.
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
 
 /// The host a request is for: the absolute-form target's or HTTP/2 `:authority`, else `Host`.
 fn request_host(req: &Request<ClientBody>) -> Result<HeaderValue, ProxyError> {

@@ -111,10 +111,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> IoState<S> {
                 Ok(0) => return self.abandon(io::ErrorKind::WriteZero.into()),
                 Err(e) => return self.abandon(e),
             }
+            if self.continue_owed == 0 {
+                if let Err(e) = ready!(Pin::new(&mut self.stream).poll_flush(cx)) {
+                    return self.abandon(e);
+                }
+            }
         }
         loop {
-            let BodyProgress::Reading(decoder) = &mut self.body else {
-                return Poll::Ready(None);
+            let decoder = match &mut self.body {
+                BodyProgress::Reading(decoder) => decoder,
+                BodyProgress::Whole => return Poll::Ready(None),
+                // Never a clean end: a body that failed stays failed.
+                BodyProgress::Abandoned => {
+                    return Poll::Ready(Some(Err(BodyError::Truncated.into())))
+                }
             };
             let decoded = match decoder.decode(&mut self.read.bytes) {
                 Ok(Some(decoded)) => decoded,

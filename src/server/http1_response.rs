@@ -97,13 +97,18 @@ impl ResponseWriter {
                         self.queue_frame(frame)?;
                         continue;
                     }
-                    Poll::Pending if self.queue.is_empty() => return Poll::Pending,
+                    Poll::Pending if self.queue.is_empty() => {
+                        // What was written must reach the client while the node is slow
+                        // (TLS holds records until flushed).
+                        std::task::ready!(std::pin::Pin::new(&mut *stream).poll_flush(cx))?;
+                        return Poll::Pending;
+                    }
                     Poll::Pending => {}
                 }
             }
             std::task::ready!(self.queue.poll_write(stream, cx))?;
             if self.body_done {
-                return Poll::Ready(Ok(()));
+                return std::pin::Pin::new(&mut *stream).poll_flush(cx);
             }
         }
     }

@@ -18,8 +18,8 @@ use hyper::Method;
 use tokio::net::TcpStream;
 
 use crate::http1::{
-    chunk_size_line, last_chunk_with_trailers, BodyDecoder, BodyError, BodyFraming, Decoded,
-    HeadError, HeadReader, ReadBuffer, ResponseHead, WriteQueue, LAST_CHUNK,
+    chunk_size_line, is_idempotent, last_chunk_with_trailers, BodyDecoder, BodyError, BodyFraming,
+    Decoded, HeadError, HeadReader, ReadBuffer, ResponseHead, WriteQueue, LAST_CHUNK,
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -39,7 +39,8 @@ pub struct NodeConnection {
 /// Why an exchange did not get a response head.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
-    /// A pooled connection the node had closed: the node sent nothing and no body byte was
+    /// A pooled connection the node had closed: it refused the request's first write, or
+    /// (for a method that may be repeated) closed with nothing sent back; no body byte was
     /// taken from the client, so the same request can go again as it is.
     #[error("the pooled connection was closed by the node")]
     Stale,
@@ -99,6 +100,7 @@ impl NodeConnection {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
+        let repeatable = is_idempotent(method);
         let mut out = WriteQueue::new();
         out.push(head);
         let mut body_done = framing.is_empty();
@@ -121,7 +123,8 @@ impl NodeConnection {
                     }
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => {
-                        // A node that closed a pooled connection refuses the write.
+                        // A node that closed a pooled connection refuses the write: it read
+                        // nothing, whatever the method.
                         return Poll::Ready(Err(self.failure(e, body_touched)));
                     }
                     Poll::Pending => {}
@@ -139,15 +142,19 @@ impl NodeConnection {
                 return Poll::Ready(Ok(head));
             }
             match self.poll_fill(cx) {
+                // The node closed after the request was written: it may have acted on it, so
+                // only a request that may be repeated goes again as it is.
                 Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(if self.stale(body_touched) {
+                    return Poll::Ready(Err(if repeatable && self.stale(body_touched) {
                         ExchangeError::Stale
                     } else {
                         ExchangeError::Closed
                     }))
                 }
                 Poll::Ready(Ok(_)) => continue,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.failure(e, body_touched))),
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(self.failure(e, body_touched || !repeatable)))
+                }
                 Poll::Pending => {}
             }
             if let Some(timer) = timer.as_mut() {
