@@ -119,6 +119,20 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+impl ResultLabel {
+    pub fn ok() -> Self {
+        ResultLabel {
+            result: "ok".into(),
+        }
+    }
+
+    pub fn failed() -> Self {
+        ResultLabel {
+            result: "failed".into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabel {
     pub cert: String,

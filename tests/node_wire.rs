@@ -203,19 +203,21 @@ async fn a_response_framed_two_ways_is_502() {
     assert_eq!(body, "502 Bad Gateway: the node failed to answer\n");
 }
 
+/// Answers the first request on each connection and drops it on the second, unanswered.
+fn answer_first_drop_second(n: usize, _: &[u8]) -> Option<(Vec<&'static [u8]>, bool)> {
+    (n == 0).then(|| {
+        (
+            vec![&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]],
+            false,
+        )
+    })
+}
+
 #[tokio::test]
 async fn a_pooled_connection_the_node_closed_is_replaced_without_an_error() {
     // Each connection answers its first request and drops on the second unanswered: what
     // a node closing an idle keep-alive connection looks like when a request crosses it.
-    let (port, heads) = scripted_node(|n, _| {
-        (n == 0).then(|| {
-            (
-                vec![&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]],
-                false,
-            )
-        })
-    })
-    .await;
+    let (port, heads) = scripted_node(answer_first_drop_second).await;
     let proxy = proxy_to(port).await;
     for _ in 0..3 {
         let (status, _, body) = get(addr(&proxy), "api.example.com", "/x").await;
@@ -288,15 +290,7 @@ fn tokio_stream_of<T: Send + 'static>(
 async fn a_post_the_node_closed_on_is_not_sent_again() {
     // As above, but the request crossing the close is a POST: the node may have acted on it
     // before it went away, so it is not repeated (the SDK retries the 502 itself).
-    let (port, heads) = scripted_node(|n, _| {
-        (n == 0).then(|| {
-            (
-                vec![&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"[..]],
-                false,
-            )
-        })
-    })
-    .await;
+    let (port, heads) = scripted_node(answer_first_drop_second).await;
     let proxy = proxy_to(port).await;
     let (status, _, _) = get(addr(&proxy), "api.example.com", "/warm").await;
     assert_eq!(status, StatusCode::OK);

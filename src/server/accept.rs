@@ -1,49 +1,22 @@
-//! From a listener to a connection's first bytes: the accept loop, deferred accepting and
-//! the read at accept, the connection permit ([`OpenConnection`]), and a plain connection's
-//! set-up: waiting for its first bytes and telling HTTP/2 prior knowledge from HTTP/1.1 by
-//! them. A TLS connection leaves here for its handshake (`super::tls`).
+//! From a listener to a connection's first bytes: the accept loop (each connection taking a
+//! permit of the connection limit), deferred accepting and the read at accept, and a plain
+//! connection's set-up task when its first bytes are not there yet. A TLS connection leaves
+//! here for its handshake (`super::tls`).
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::header::HeaderValue;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio::sync::{watch, Semaphore};
 
-use crate::config::ListenerMode;
-use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 
-use super::connection::{serve_connection, ConnSetup, ConnectionBuilders, ServedBy};
-use super::shutdown::before_shutdown;
+use super::connection::serve_connection;
+use super::context::{ListenerContext, OpenConnection, ServedBy};
+use super::protocol::{first_bytes, protocol_of, FIRST_READ_BYTES};
 use super::tls::serve_tls;
-
-/// How a listener treats its connections.
-pub(super) struct ListenerContext {
-    pub(super) mode: ListenerMode,
-    pub(super) acceptor: Option<TlsAcceptor>,
-    pub(super) handshake_timeout: Duration,
-    /// The kernel hands over connections with their first bytes (see [`defer_accept`]).
-    pub(super) defers_accept: bool,
-    pub(super) hsts: Option<Arc<HeaderValue>>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) builders: Arc<ConnectionBuilders>,
-}
-
-impl ListenerContext {
-    pub(super) fn setup(&self, peer: SocketAddr, sni: Option<Box<str>>) -> ConnSetup {
-        ConnSetup {
-            peer,
-            mode: self.mode,
-            sni,
-            hsts: self.hsts.clone(),
-        }
-    }
-}
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
@@ -186,98 +159,6 @@ pub(super) fn defer_accept(_listener: &TcpListener) -> io::Result<()> {
 fn read_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     use std::io::Read;
     (&*socket2::SockRef::from(stream)).read(buf)
-}
-
-/// One accepted connection: counted open while it lives, holding one permit of the
-/// connection limit (which is also how the drain knows when the last one ended).
-pub(super) struct OpenConnection {
-    pub(super) context: Arc<ListenerContext>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl OpenConnection {
-    fn new(context: Arc<ListenerContext>, permit: OwnedSemaphorePermit) -> Self {
-        context.metrics.open_connections.inc();
-        OpenConnection {
-            context,
-            _permit: permit,
-        }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.context.metrics.open_connections.dec();
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Protocol {
-    Http1,
-    Http2,
-}
-
-/// HTTP/2 with prior knowledge (RFC 9113 §3.3) opens with this preface.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// The first read of a plain connection takes up to this much; most request heads fit, so
-/// hyper parses the first request without reading again. Freed once hyper has consumed it.
-const FIRST_READ_BYTES: usize = 4096;
-
-/// Reads a connection's first bytes to tell HTTP/2 prior knowledge from HTTP/1.1, in one
-/// read for any HTTP/1.1 request (hyper-util's auto builder reads the 24-byte preface length
-/// first, then hyper reads again: a system call more per connection), after the bytes in
-/// `first` that were read already. `None` when the client closed before sending a byte.
-async fn read_first_bytes<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    mut first: Vec<u8>,
-) -> io::Result<Option<(Protocol, Vec<u8>)>> {
-    first.reserve(FIRST_READ_BYTES.saturating_sub(first.len()));
-    loop {
-        if stream.read_buf(&mut first).await? == 0 {
-            return Ok(None);
-        }
-        if let Some(protocol) = protocol_of(&first) {
-            return Ok(Some((protocol, first)));
-        }
-    }
-}
-
-/// The protocol a connection's first bytes announce; `None` while they could still be the
-/// start of the HTTP/2 preface.
-fn protocol_of(first: &[u8]) -> Option<Protocol> {
-    let seen = first.len().min(H2_PREFACE.len());
-    if first[..seen] != H2_PREFACE[..seen] {
-        Some(Protocol::Http1)
-    } else if seen == H2_PREFACE.len() {
-        Some(Protocol::Http2)
-    } else {
-        None
-    }
-}
-
-/// Waits for a connection's first bytes, at most the header timeout, and ends at once on
-/// shutdown: a client that has sent nothing has nothing in flight (hyper itself would wait
-/// for a new connection's first request until the header timeout, holding up the drain).
-/// `None` when the connection is to be closed.
-pub(super) async fn first_bytes<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    read_already: Vec<u8>,
-    peer: SocketAddr,
-    timeout: Duration,
-    shutdown: &watch::Receiver<bool>,
-) -> Option<(Protocol, Vec<u8>)> {
-    match before_shutdown(timeout, shutdown, read_first_bytes(stream, read_already)).await? {
-        Ok(Ok(first)) => first,
-        Ok(Err(e)) => {
-            tracing::debug!(client = %peer, error = %e, "connection ended before a request");
-            None
-        }
-        Err(_) => {
-            tracing::debug!(client = %peer, "no request within the header timeout");
-            None
-        }
-    }
 }
 
 /// A plain connection's set-up task: waits for the first bytes that tell its protocol.

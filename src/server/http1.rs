@@ -20,7 +20,7 @@ use crate::http1::{HeadError, HeadReader, RequestHead};
 use crate::proxy::body::ClientBody;
 use crate::proxy::{ClientConn, Proxy, ProxyError};
 
-use super::accept::OpenConnection;
+use super::context::OpenConnection;
 use super::http1_io::ClientIo;
 use super::http1_response::{ResponsePlan, ResponseWriter};
 use super::shutdown::before_shutdown;

@@ -1,23 +1,29 @@
 //! An HTTP/2 connection, served: hyper's HTTP/2 server in the connection's own task until
-//! the client ends it, or until shutdown asks it to finish its in-flight streams (a GOAWAY).
+//! the client ends it, or until shutdown asks it to finish its in-flight streams (a GOAWAY);
+//! the service that hands each stream's request to the proxy; the stream with the bytes read
+//! to tell the protocol served again first.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http2;
 use hyper::service::HttpService;
+use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
-use super::accept::OpenConnection;
-use super::connection::{log_connection_end, ProxyService};
+use crate::proxy::body::{ClientBody, ResponseBody};
+use crate::proxy::{ClientConn, Proxy};
+
+use super::context::OpenConnection;
 use super::shutdown::{until_shutdown, GracefulConnection};
 
 /// Serves an HTTP/2 connection to its end, holding its permit until then.
@@ -125,5 +131,39 @@ where
 {
     fn begin_shutdown(self: Pin<&mut Self>) {
         self.graceful_shutdown();
+    }
+}
+
+fn log_connection_end(peer: SocketAddr, result: hyper::Result<()>) {
+    if let Err(e) = result {
+        // hyper's HTTP/2 server refuses malformed streams itself; this is that one log line.
+        if e.is_parse() || e.is_parse_too_large() {
+            tracing::info!(client = %peer, error = %e, "request refused by the HTTP parser")
+        } else {
+            tracing::debug!(client = %peer, error = %e, "connection ended with an error")
+        }
+    }
+}
+
+/// Hands each HTTP/2 request to the proxy, in a future of its own (hyper's HTTP/2 server
+/// runs each stream as a task).
+#[derive(Clone)]
+pub(super) struct ProxyService {
+    pub(super) proxy: Arc<Proxy>,
+    pub(super) client: Arc<ClientConn>,
+}
+
+type Answer = Result<Response<ResponseBody>, Infallible>;
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let client = self.client.clone();
+        let req = req.map(ClientBody::Http2);
+        Box::pin(async move { Ok(proxy.handle(req, &client).await) })
     }
 }

@@ -33,10 +33,12 @@
 
 mod accept;
 mod connection;
+mod context;
 mod http1;
 mod http1_io;
 mod http1_response;
 mod http2;
+mod protocol;
 mod reload;
 mod shutdown;
 mod tls;
@@ -54,15 +56,15 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::AdminState;
 use crate::config::{ListenerMode, NodeSource, Settings};
 use crate::discovery::DiscoveryStatus;
-use crate::metrics::{Metrics, ResultLabel};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::routing::RouteTable;
 use crate::snapshot::{ProxySettings, Publisher};
 use crate::tls::Tls;
 use crate::upstream::PoolSettings;
 
-use accept::{accept_loop, defer_accept, ListenerContext};
-use connection::ConnectionBuilders;
+use accept::{accept_loop, defer_accept};
+use context::{ConnectionBuilders, ListenerContext};
 use shutdown::drain_connections;
 
 /// A running proxy: its bound addresses, its publisher, and the way to stop it.
@@ -257,17 +259,4 @@ pub async fn start(settings: Settings) -> io::Result<RunningServer> {
         shutdown,
         task,
     })
-}
-
-/// The `result` label of a counted outcome (a reload, a TLS handshake).
-fn ok_label() -> ResultLabel {
-    ResultLabel {
-        result: "ok".into(),
-    }
-}
-
-fn failed_label() -> ResultLabel {
-    ResultLabel {
-        result: "failed".into(),
-    }
 }

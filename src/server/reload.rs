@@ -6,7 +6,8 @@ use crate::config::{NodeSource, Settings};
 use crate::routing::RouteTable;
 use crate::snapshot::ProxySettings;
 
-use super::{failed_label, ok_label, RunningServer};
+use super::RunningServer;
+use crate::metrics::ResultLabel;
 
 impl RunningServer {
     /// Applies a new, already validated configuration without dropping a connection: routes,
@@ -82,7 +83,10 @@ impl RunningServer {
             RouteTable::new(new.routes.clone()),
             ProxySettings::from_config(&new.config),
         );
-        self.metrics.config_reloads.get_or_create(&ok_label()).inc();
+        self.metrics
+            .config_reloads
+            .get_or_create(&ResultLabel::ok())
+            .inc();
         *current = new;
         needs_restart
     }
@@ -91,7 +95,7 @@ impl RunningServer {
     pub fn reload_refused(&self) {
         self.metrics
             .config_reloads
-            .get_or_create(&failed_label())
+            .get_or_create(&ResultLabel::failed())
             .inc();
     }
 }

@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use super::accept::{first_bytes, OpenConnection, Protocol};
-use super::connection::{serve_connection, ServedBy};
+use crate::metrics::ResultLabel;
+
+use super::connection::serve_connection;
+use super::context::{OpenConnection, ServedBy};
+use super::protocol::{first_bytes, Protocol};
 use super::shutdown::before_shutdown;
-use super::{failed_label, ok_label};
 
 /// A TLS connection's set-up task, spawned by the accept loop.
 //
@@ -38,9 +40,9 @@ pub(super) async fn serve_tls(
     };
     let handshake = handshake.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
     let label = if handshake.is_ok() {
-        ok_label()
+        ResultLabel::ok()
     } else {
-        failed_label()
+        ResultLabel::failed()
     };
     context.metrics.tls_handshakes.get_or_create(&label).inc();
     let mut tls_stream = match handshake {

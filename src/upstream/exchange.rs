@@ -101,36 +101,27 @@ impl NodeConnection {
         B::Error: Into<BoxError>,
     {
         let repeatable = is_idempotent(method);
-        let mut out = WriteQueue::new();
-        out.push(head);
-        let mut body_done = framing.is_empty();
-        let mut body_touched = false;
+        let mut sending = Sending {
+            out: WriteQueue::new(),
+            body,
+            framing,
+            body_done: framing.is_empty(),
+            body_touched: false,
+        };
+        sending.out.push(head);
         let mut heads = HeadReader::new(MAX_RESPONSE_HEAD);
         let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let head = poll_fn(|cx| loop {
-            let sending = !out.is_empty() || !body_done;
-            if sending {
-                match out.poll_write(&mut self.stream, cx) {
-                    Poll::Ready(Ok(())) if !body_done => {
-                        match Pin::new(&mut *body).poll_frame(cx) {
-                            Poll::Ready(frame) => {
-                                body_touched = true;
-                                body_done = queue_frame(&mut out, frame, framing)?;
-                                continue;
-                            }
-                            Poll::Pending => {}
-                        }
-                    }
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => {
-                        // A node that closed a pooled connection refuses the write: it read
-                        // nothing, whatever the method.
-                        return Poll::Ready(Err(self.failure(e, body_touched)));
-                    }
-                    Poll::Pending => {}
+            match sending.poll_send(&mut self.stream, cx) {
+                Ok(()) => {}
+                // A node that closed a pooled connection refuses the write: it read nothing,
+                // whatever the method.
+                Err(ExchangeError::Io(e)) => {
+                    return Poll::Ready(Err(self.failure(e, sending.body_touched)))
                 }
+                Err(e) => return Poll::Ready(Err(e)),
             }
-            if timer.is_none() && out.is_empty() && body_done {
+            if timer.is_none() && sending.is_done() {
                 timer = Some(Box::pin(tokio::time::sleep(timeout)));
             }
             // The response, whether or not the request is all written.
@@ -145,15 +136,17 @@ impl NodeConnection {
                 // The node closed after the request was written: it may have acted on it, so
                 // only a request that may be repeated goes again as it is.
                 Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(if repeatable && self.stale(body_touched) {
+                    let stale = repeatable && self.stale(sending.body_touched);
+                    return Poll::Ready(Err(if stale {
                         ExchangeError::Stale
                     } else {
                         ExchangeError::Closed
-                    }))
+                    }));
                 }
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Ready(Err(e)) => {
-                    return Poll::Ready(Err(self.failure(e, body_touched || !repeatable)))
+                    let touched = sending.body_touched || !repeatable;
+                    return Poll::Ready(Err(self.failure(e, touched)));
                 }
                 Poll::Pending => {}
             }
@@ -165,7 +158,7 @@ impl NodeConnection {
             return Poll::Pending;
         })
         .await?;
-        let request_sent = out.is_empty() && body_done;
+        let request_sent = sending.is_done();
         let reusable = head.keep_alive && request_sent;
         let decoder = BodyDecoder::new(head.framing);
         Ok(Exchanged {
@@ -207,6 +200,53 @@ impl NodeConnection {
     /// The socket and whatever the node sent after its 101, for a tunnel.
     pub fn into_upgraded(self) -> (TcpStream, Bytes) {
         (self.stream, self.read.bytes.freeze())
+    }
+}
+
+/// The request's side of an exchange: what is left to write, and where the body stands.
+struct Sending<'b, B> {
+    out: WriteQueue,
+    body: &'b mut B,
+    framing: BodyFraming,
+    body_done: bool,
+    /// A frame of the client's body has been taken: the request cannot go again as it is.
+    body_touched: bool,
+}
+
+impl<B> Sending<'_, B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn is_done(&self) -> bool {
+        self.out.is_empty() && self.body_done
+    }
+
+    /// Writes what can be written now, taking the body's next frame whenever the last is
+    /// written; `Ok` when it has to wait (the socket or the client) or all is written.
+    fn poll_send(
+        &mut self,
+        stream: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Result<(), ExchangeError> {
+        while !self.is_done() {
+            match self.out.poll_write(stream, cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Err(ExchangeError::Io(e)),
+                Poll::Pending => return Ok(()),
+            }
+            if self.body_done {
+                break;
+            }
+            match Pin::new(&mut *self.body).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    self.body_touched = true;
+                    self.body_done = queue_frame(&mut self.out, frame, self.framing)?;
+                }
+                Poll::Pending => return Ok(()),
+            }
+        }
+        Ok(())
     }
 }
 
