@@ -94,7 +94,6 @@ impl HeadReader {
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
         let mut parsed = httparse::Request::new(&mut []);
         whole_parse(parsed.parse_with_uninit_headers(&head, &mut fields), &head)?;
-        refuse_bare_lf(&head)?;
         let http10 = parsed.version == Some(0);
         let method = parsed
             .method
@@ -136,7 +135,6 @@ impl HeadReader {
             &mut fields,
         );
         whole_parse(verdict, &head)?;
-        refuse_bare_lf(&head)?;
         let http10 = parsed.version == Some(0);
         let status = parsed
             .code
@@ -161,13 +159,23 @@ impl HeadReader {
             buf.advance(2);
             self.searched = self.searched.saturating_sub(2);
         }
-        // A line end is LF, or CR LF; an empty line is one right after another. A bare LF is
-        // refused after the parse, but ends the search so that it is refused at once.
+        // Every line ends in CR LF; the head ends with the first empty line. `httparse` takes
+        // a lone LF as a line end, which RFC 9112 §2.2 lets a recipient do, but a node behind
+        // the proxy might not, and a line end read two ways is how requests are smuggled: it
+        // is refused here, in the one pass that finds the head's end. (A lone CR is refused by
+        // `httparse` itself.)
         let window = &buf[..buf.len().min(self.max_head)];
         let from = self.searched.saturating_sub(2).min(window.len());
-        let end = memchr::memchr_iter(b'\n', &window[from..])
-            .map(|lf| from + lf)
-            .find(|&at| window[..at].ends_with(b"\n") || window[..at].ends_with(b"\n\r"));
+        let mut end = None;
+        for at in memchr::memchr_iter(b'\n', &window[from..]).map(|lf| from + lf) {
+            if at == 0 || window[at - 1] != b'\r' {
+                return Err(HeadError::Malformed("line end without CR"));
+            }
+            if at >= 2 && window[at - 2] == b'\n' {
+                end = Some(at);
+                break;
+            }
+        }
         let Some(end) = end else {
             self.searched = buf.len();
             if buf.len() >= self.max_head {
@@ -200,18 +208,6 @@ fn refusal(error: httparse::Error) -> HeadError {
         E::Token => HeadError::Malformed("invalid token"),
         E::Version => HeadError::Malformed("invalid HTTP version"),
     }
-}
-
-/// `httparse` takes a lone LF as a line end; RFC 9112 §2.2 lets a recipient do so, but a
-/// node behind the proxy might not, and a line end read two ways is how requests are
-/// smuggled. A lone CR is refused by `httparse` itself.
-fn refuse_bare_lf(head: &[u8]) -> Result<(), HeadError> {
-    for lf in memchr::memchr_iter(b'\n', head) {
-        if lf == 0 || head[lf - 1] != b'\r' {
-            return Err(HeadError::Malformed("line end without CR"));
-        }
-    }
-    Ok(())
 }
 
 /// Room a request's map keeps for the fields the proxy adds (the forwarding fields, `Host`),
