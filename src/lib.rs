@@ -6,7 +6,9 @@
 //!
 //! Data flows one way: [`config`] and discovery publish immutable [`snapshot::Snapshot`]s
 //! through [`snapshot::Publisher`]; the request path in [`proxy`] loads the current one once
-//! per request and never locks. [`server`] owns listeners, connections and shutdown.
+//! per request and never locks. [`server`] owns listeners, connections and shutdown;
+//! HTTP/1.1 is read and written on both sides by our codec in [`http1`] (hyper serves
+//! HTTP/2), and [`upstream`] holds the node connections.
 
 // One exception, allowed where it stands with its proof: a setsockopt call the safe
 // crates do not offer (`server::accept::defer_accept`).
