@@ -306,3 +306,34 @@ async fn a_post_the_node_closed_on_is_not_sent_again() {
         "the POST reached the node once"
     );
 }
+
+#[tokio::test]
+async fn a_pooled_connection_times_out_like_a_new_one() {
+    // The response-header timer is the connection's own, set again for each exchange: on
+    // the second request of a kept connection it still fires.
+    let (port, heads) = scripted_node(|n, _| {
+        let answer: Vec<&'static [u8]> = if n == 0 {
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        } else {
+            vec![] // never answers
+        };
+        Some((answer, false))
+    })
+    .await;
+    let proxy = proxy(&config(
+        &format!("[routes.api]\nport = {port}\n"),
+        &["127.0.0.1"],
+        "[timeouts]\nupstream_response_header = \"300ms\"\n",
+    ))
+    .await;
+    let (status, _, _) = get(addr(&proxy), "api.example.com", "/first").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, body) = get(addr(&proxy), "api.example.com", "/second").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(body.starts_with(b"504 Gateway Timeout"));
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        2,
+        "each reached the node once"
+    );
+}

@@ -32,6 +32,8 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 pub struct NodeConnection {
     stream: TcpStream,
     read: ReadBuffer,
+    /// The response-header timer, kept for the connection's next exchange.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// It has carried an exchange before (it came from the idle pool).
     reused: bool,
 }
@@ -73,6 +75,7 @@ impl NodeConnection {
         NodeConnection {
             stream,
             read: ReadBuffer::default(),
+            timer: None,
             reused: false,
         }
     }
@@ -110,7 +113,9 @@ impl NodeConnection {
         };
         sending.out.push(head);
         let mut heads = HeadReader::new(MAX_RESPONSE_HEAD);
-        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        // The connection's timer, set again for each exchange rather than made anew.
+        let mut timer = self.timer.take();
+        let mut armed = false;
         let head = poll_fn(|cx| loop {
             match sending.poll_send(&mut self.stream, cx) {
                 Ok(()) => {}
@@ -121,8 +126,13 @@ impl NodeConnection {
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
-            if timer.is_none() && sending.is_done() {
-                timer = Some(Box::pin(tokio::time::sleep(timeout)));
+            if !armed && sending.is_done() {
+                armed = true;
+                let deadline = tokio::time::Instant::now() + timeout;
+                match timer.as_mut() {
+                    Some(timer) => timer.as_mut().reset(deadline),
+                    None => timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
             }
             // The response, whether or not the request is all written.
             if let Some(head) = heads.response(&mut self.read.bytes, method)? {
@@ -150,14 +160,16 @@ impl NodeConnection {
                 }
                 Poll::Pending => {}
             }
-            if let Some(timer) = timer.as_mut() {
+            if let Some(timer) = timer.as_mut().filter(|_| armed) {
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(ExchangeError::Timeout(timeout)));
                 }
             }
             return Poll::Pending;
         })
-        .await?;
+        .await;
+        self.timer = timer;
+        let head = head?;
         let request_sent = sending.is_done();
         let reusable = head.keep_alive && request_sent;
         let decoder = BodyDecoder::new(head.framing);
