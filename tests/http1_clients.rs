@@ -64,6 +64,27 @@ async fn a_client_that_half_closes_after_its_request_gets_the_answer() {
 }
 
 #[tokio::test]
+async fn a_client_that_half_closes_after_pipelined_requests_gets_every_answer() {
+    let cluster = Cluster::echo().await;
+    let proxy = proxy_for(&cluster, "").await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    stream
+        .write_all(
+            b"GET /1 HTTP/1.1\r\nHost: api.example.com\r\n\r\n\
+              GET /2 HTTP/1.1\r\nHost: app.example.com\r\n\r\n\
+              POST /3 HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let answer = read_all(&mut stream).await;
+    // The one framed two ways is refused even behind the others.
+    assert_eq!(statuses_of(&answer), ["200", "200", "400"], "{answer}");
+    let targets: Vec<String> = cluster.api.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/1"]);
+}
+
+#[tokio::test]
 async fn a_client_that_resets_cancels_its_request_at_the_node() {
     // A node that takes the request, never answers, and reports when the proxy lets go of
     // the connection.

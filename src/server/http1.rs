@@ -126,15 +126,17 @@ where
     let Some(response) = answer_watching_client(conn, request).await else {
         return Served::Gone;
     };
-    let (body_whole, read_closed) = {
+    let (body_whole, nothing_more) = {
         let state = conn.io.lock();
-        (state.body_is_whole(), state.read_closed)
+        // A client that half-closed is still answered for the requests it sent before.
+        let nothing_more = state.read_closed && state.read.bytes.is_empty();
+        (state.body_is_whole(), nothing_more)
     };
     let plan = ResponsePlan {
         head_request,
         http10_client,
         // Shutdown: a busy connection closes after its exchange.
-        close: !keep_alive || !body_whole || read_closed || *conn.shutdown.borrow(),
+        close: !keep_alive || !body_whole || nothing_more || *conn.shutdown.borrow(),
     };
     let upgraded = response.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
     let (mut writer, close) = ResponseWriter::new(response, &plan);
