@@ -90,7 +90,7 @@ impl HeadReader {
         let Some(head) = self.take_head(buf)? else {
             return Ok(None);
         };
-        // Uninitialised slots: the parser writes only those it fills (no 4 KiB to clear).
+        // Uninitialised slots: the parser writes only those it fills (no array of empty slots to clear first).
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
         let mut parsed = httparse::Request::new(&mut []);
         whole_parse(parsed.parse_with_uninit_headers(&head, &mut fields), &head)?;

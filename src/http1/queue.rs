@@ -7,7 +7,10 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
+use hyper::body::Frame;
 use tokio::io::AsyncWrite;
+
+use super::encode::{chunk_size_line, last_chunk_with_trailers, LAST_CHUNK};
 
 /// Segments a queue holds at most: one frame's framing and data, after a head.
 const SEGMENTS: usize = 5;
@@ -43,6 +46,42 @@ impl WriteQueue {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Queues one frame of a body (`None`: its end) with the framing of this hop: a chunk's
+    /// size line and end around its data when `chunked`, trailers only in the chunked
+    /// coding. True once the body has ended.
+    pub fn push_frame(&mut self, frame: Option<Frame<Bytes>>, chunked: bool) -> bool {
+        let Some(frame) = frame else {
+            if chunked {
+                self.push(Bytes::from_static(LAST_CHUNK));
+            }
+            return true;
+        };
+        match frame.into_data() {
+            Ok(data) if chunked && !data.is_empty() => {
+                let (line, len) = chunk_size_line(data.len());
+                self.push(Bytes::copy_from_slice(&line[..len]));
+                self.push(data);
+                self.push(Bytes::from_static(b"\r\n"));
+                false
+            }
+            Ok(data) => {
+                self.push(data);
+                false
+            }
+            Err(frame) => {
+                // Trailers end the body; only the chunked coding can carry them.
+                if let (true, Some(trailers)) = (chunked, frame.trailers_ref()) {
+                    let mut end = Vec::new();
+                    last_chunk_with_trailers(&mut end, trailers);
+                    self.push(Bytes::from(end));
+                } else if chunked {
+                    self.push(Bytes::from_static(LAST_CHUNK));
+                }
+                true
+            }
+        }
     }
 
     fn advance(&mut self, mut written: usize) {

@@ -13,9 +13,7 @@ use hyper::body::{Body, Frame};
 use hyper::header::{HeaderValue, CONNECTION, DATE};
 use hyper::{Response, StatusCode};
 
-use crate::http1::{
-    chunk_size_line, last_chunk_with_trailers, response_head, BodyFraming, WriteQueue, LAST_CHUNK,
-};
+use crate::http1::{response_head, BodyFraming, WriteQueue};
 use crate::proxy::body::ResponseBody;
 
 /// What the connection decided about a response before writing it.
@@ -117,34 +115,10 @@ impl ResponseWriter {
         &mut self,
         frame: Option<Result<Frame<Bytes>, crate::proxy::body::BoxError>>,
     ) -> io::Result<()> {
+        let frame = frame.transpose().map_err(io::Error::other)?;
         let chunked = self.framing == Some(BodyFraming::Chunked);
-        let Some(frame) = frame else {
+        if self.queue.push_frame(frame, chunked) {
             self.body_done = true;
-            if chunked {
-                self.queue.push(Bytes::from_static(LAST_CHUNK));
-            }
-            return Ok(());
-        };
-        let frame = frame.map_err(io::Error::other)?;
-        match frame.into_data() {
-            Ok(data) if chunked && !data.is_empty() => {
-                let (line, len) = chunk_size_line(data.len());
-                self.queue.push(Bytes::copy_from_slice(&line[..len]));
-                self.queue.push(data);
-                self.queue.push(Bytes::from_static(b"\r\n"));
-            }
-            Ok(data) => self.queue.push(data),
-            Err(frame) => {
-                // Trailers end the body; only the chunked coding carries them.
-                self.body_done = true;
-                if let (true, Some(trailers)) = (chunked, frame.trailers_ref()) {
-                    let mut end = Vec::new();
-                    last_chunk_with_trailers(&mut end, trailers);
-                    self.queue.push(Bytes::from(end));
-                } else if chunked {
-                    self.queue.push(Bytes::from_static(LAST_CHUNK));
-                }
-            }
         }
         Ok(())
     }

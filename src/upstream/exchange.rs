@@ -18,8 +18,8 @@ use hyper::Method;
 use tokio::net::TcpStream;
 
 use crate::http1::{
-    chunk_size_line, is_idempotent, last_chunk_with_trailers, BodyDecoder, BodyError, BodyFraming,
-    Decoded, HeadError, HeadReader, ReadBuffer, ResponseHead, WriteQueue, LAST_CHUNK,
+    is_idempotent, BodyDecoder, BodyError, BodyFraming, Decoded, HeadError, HeadReader, ReadBuffer,
+    ResponseHead, WriteQueue,
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -253,55 +253,16 @@ where
             match Pin::new(&mut *self.body).poll_frame(cx) {
                 Poll::Ready(frame) => {
                     self.body_touched = true;
-                    self.body_done = queue_frame(&mut self.out, frame, self.framing)?;
+                    let frame = frame
+                        .transpose()
+                        .map_err(|e| ExchangeError::RequestBody(e.into()))?;
+                    let chunked = self.framing == BodyFraming::Chunked;
+                    self.body_done = self.out.push_frame(frame, chunked);
                 }
                 Poll::Pending => return Ok(()),
             }
         }
         Ok(())
-    }
-}
-
-/// Queues one frame of the client's body with the framing of the node's hop; true once the
-/// body has ended.
-fn queue_frame<E: Into<BoxError>>(
-    out: &mut WriteQueue,
-    frame: Option<Result<Frame<Bytes>, E>>,
-    framing: BodyFraming,
-) -> Result<bool, ExchangeError> {
-    let chunked = framing == BodyFraming::Chunked;
-    match frame {
-        None => {
-            if chunked {
-                out.push(Bytes::from_static(LAST_CHUNK));
-            }
-            Ok(true)
-        }
-        Some(Err(e)) => Err(ExchangeError::RequestBody(e.into())),
-        Some(Ok(frame)) => match frame.into_data() {
-            Ok(data) if chunked && !data.is_empty() => {
-                let (line, len) = chunk_size_line(data.len());
-                out.push(Bytes::copy_from_slice(&line[..len]));
-                out.push(data);
-                out.push(Bytes::from_static(b"\r\n"));
-                Ok(false)
-            }
-            Ok(data) => {
-                out.push(data);
-                Ok(false)
-            }
-            Err(frame) => {
-                // Trailers end the body; only the chunked coding can carry them.
-                if let (true, Some(trailers)) = (chunked, frame.trailers_ref()) {
-                    let mut end = Vec::new();
-                    last_chunk_with_trailers(&mut end, trailers);
-                    out.push(Bytes::from(end));
-                } else if chunked {
-                    out.push(Bytes::from_static(LAST_CHUNK));
-                }
-                Ok(true)
-            }
-        },
     }
 }
 
